@@ -1,0 +1,65 @@
+"""fastlora: fused LoRA kernels behind PEFT's API and checkpoint format.
+
+``from fastlora import LoraConfig, get_peft_model, PeftModel`` works as it does with PEFT. Importing
+fastlora never imports triton and never initialises CUDA.
+"""
+
+from fastlora.auto import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+)
+from fastlora.checkpoint import get_peft_model_state_dict, set_peft_model_state_dict
+from fastlora.config import LoraConfig, PeftConfig, PeftType, TaskType
+from fastlora.injector import LoraModel
+from fastlora.layers import LoraLinear, ModulesToSaveWrapper
+from fastlora.ops import lora_linear
+from fastlora.peft_model import (
+    PeftModel,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+    get_peft_model,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # configuration
+    "PeftConfig",
+    "LoraConfig",
+    "PeftType",
+    "TaskType",
+    # models
+    "get_peft_model",
+    "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForFeatureExtraction",
+    "AutoPeftModel",
+    "AutoPeftModelForCausalLM",
+    "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification",
+    "AutoPeftModelForQuestionAnswering",
+    "AutoPeftModelForFeatureExtraction",
+    "LoraModel",
+    # layers and ops
+    "LoraLinear",
+    "ModulesToSaveWrapper",
+    "lora_linear",
+    # checkpoints
+    "get_peft_model_state_dict",
+    "set_peft_model_state_dict",
+    "__version__",
+]

@@ -1,0 +1,212 @@
+"""Match + swap + undo: the one generic module swap that turns a transformers model into a LoRA model.
+
+This package is the only code in fastlora that knows about transformers (GPT-2's ``Conv1D``, output
+heads, ``model_type``); the layers it installs know nothing of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from fastlora.injector.match import is_excluded, matches_target, names_match, pattern_value
+from fastlora.injector.targets import LORA_TARGET_MODULES, SEQ_CLS_HEAD_NAMES
+from fastlora.layers import LoraLinear, ModulesToSaveWrapper
+
+__all__ = [
+    "ADAPTER_LAYERS",
+    "conv1d_class",
+    "iter_modules",
+    "resolve_target_modules",
+    "inject_lora",
+    "wrap_modules_to_save",
+    "replace_module",
+    "unload_modules",
+]
+
+# Layers that hold adapters: the walk does not descend into them and undo swaps them back.
+ADAPTER_LAYERS: tuple[type[nn.Module], ...] = (LoraLinear, ModulesToSaveWrapper)
+
+
+def conv1d_class() -> type[nn.Module] | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
+
+
+def _linear_classes() -> tuple[type[nn.Module], ...]:
+    conv1d = conv1d_class()
+    return (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
+
+
+def iter_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """``named_modules`` that yields adapter layers but does not descend into them."""
+    for name, child in model.named_children():
+        key = f"{prefix}.{name}" if prefix else name
+        yield key, child
+        if not isinstance(child, ADAPTER_LAYERS):
+            yield from iter_modules(child, key)
+
+
+def replace_module(model: nn.Module, key: str, new: nn.Module) -> None:
+    parent_key, _, child = key.rpartition(".")
+    parent = model.get_submodule(parent_key) if parent_key else model
+    setattr(parent, child, new)
+
+
+def _model_type(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None)
+
+
+def _head_names(model: nn.Module, config) -> set[str]:
+    """The output head (``lm_head``) or, for sequence classification, the classifier: left out of all-linear."""
+    heads = []
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    if output is not None:
+        heads.append(output)
+    elif str(getattr(config, "task_type", None)) == "SEQ_CLS":
+        heads += [getattr(model, name) for name in SEQ_CLS_HEAD_NAMES if getattr(model, name, None) is not None][:1]
+    return {key for key, module in model.named_modules() if any(module is head for head in heads)}
+
+
+def resolve_target_modules(model: nn.Module, config) -> list[str] | str:
+    """``config.target_modules``, or the default for the model type, with "all-linear" expanded to names."""
+    targets = config.target_modules
+    if targets is None:
+        model_type = _model_type(model)
+        if model_type not in LORA_TARGET_MODULES:
+            raise ValueError(
+                f"target_modules is not set and model_type {model_type!r} has no default targets; "
+                f"pass target_modules (models with defaults: {', '.join(sorted(LORA_TARGET_MODULES))})"
+            )
+        return list(LORA_TARGET_MODULES[model_type])
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        linear = _linear_classes()
+        heads = _head_names(model, config)
+        names = {key for key, module in iter_modules(model) if isinstance(module, linear) and key not in heads}
+        names |= {key for key, module in iter_modules(model) if isinstance(module, LoraLinear)}
+        return sorted(names)
+    return targets
+
+
+def _fit_fan_in_fan_out(module: nn.Module, config, key: str) -> bool:
+    conv1d = conv1d_class()
+    is_conv1d = conv1d is not None and isinstance(module, conv1d)
+    if is_conv1d and not config.fan_in_fan_out:
+        warnings.warn(f"{key} is a Conv1D (weight stored [in, out]): using fan_in_fan_out=True for it", UserWarning)
+    elif not is_conv1d and config.fan_in_fan_out:
+        warnings.warn(f"{key} is an nn.Linear: using fan_in_fan_out=False for it", UserWarning)
+    return is_conv1d
+
+
+def inject_lora(model: nn.Module, config, adapter_name: str, autocast_adapter_dtype: bool = True) -> list[str]:
+    """Swap every module ``config`` targets for a ``LoraLinear`` (or add ``adapter_name`` to one already
+    there). Returns the swapped module names. Raises before changing anything when the targets match
+    nothing or match a module type LoRA cannot wrap.
+    """
+    targets = resolve_target_modules(model, config)
+    linear = _linear_classes()
+    resolved = dataclasses.replace(config, target_modules=targets)
+    selected, unsupported = [], []
+    for key, module in iter_modules(model):
+        if isinstance(module, ModulesToSaveWrapper) or is_excluded(key, resolved) or not matches_target(key, resolved):
+            continue
+        if config.modules_to_save and names_match(key, config.modules_to_save):
+            continue  # trained whole as a modules_to_save copy, as in PEFT
+        (selected if isinstance(module, (LoraLinear, *linear)) else unsupported).append((key, module))
+    if unsupported:
+        kinds = ", ".join(f"{key} ({type(module).__name__})" for key, module in unsupported[:5])
+        raise ValueError(f"target modules {kinds} are not supported: LoRA wraps nn.Linear and Conv1D layers")
+    if not selected:
+        candidates = sorted({key.rpartition(".")[2] for key, m in iter_modules(model) if isinstance(m, linear)})
+        raise ValueError(
+            f"target_modules {targets!r} matched no module of the model (model_type={_model_type(model)!r}, "
+            f"layers_to_transform={config.layers_to_transform!r}, exclude_modules={config.exclude_modules!r}); "
+            f"its linear layers are named: {', '.join(candidates) or 'none'}"
+        )
+    for key, module in selected:
+        r = pattern_value(key, config.rank_pattern, config.r)
+        alpha = pattern_value(key, config.alpha_pattern, config.lora_alpha)
+        if isinstance(module, LoraLinear):
+            dtype = module.lora_A[next(iter(module.lora_A))].weight.dtype if module.lora_A else None
+            module.update_layer(
+                adapter_name, r, alpha, config.lora_dropout, config.init_lora_weights, config.use_rslora, dtype
+            )
+            continue
+        fan_in_fan_out = _fit_fan_in_fan_out(module, config, key)
+        adapter_dtype = None if not autocast_adapter_dtype else _upcast(module.weight.dtype)
+        new = LoraLinear(
+            module,
+            adapter_name,
+            r=r,
+            lora_alpha=alpha,
+            lora_dropout=config.lora_dropout,
+            init_lora_weights=config.init_lora_weights,
+            use_rslora=config.use_rslora,
+            fan_in_fan_out=fan_in_fan_out,
+            adapter_dtype=adapter_dtype,
+        )
+        new.train(module.training)
+        replace_module(model, key, new)
+    return [key for key, _ in selected]
+
+
+def _upcast(dtype: torch.dtype) -> torch.dtype:
+    # PEFT's autocast_adapter_dtype: 16-bit bases get fp32 adapters (stable optimizer updates).
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def wrap_modules_to_save(model: nn.Module, names: list[str], adapter_name: str) -> list[str]:
+    """Wrap each module named (exactly or as a dotted suffix) in ``names`` in a ``ModulesToSaveWrapper``."""
+    wrapped = []
+    for key, module in list(iter_modules(model)):
+        if not names_match(key, names):
+            continue
+        if isinstance(module, ModulesToSaveWrapper):
+            module.update(adapter_name)
+            module.set_adapter(module.active_adapter)
+        elif isinstance(module, LoraLinear):
+            raise ValueError(f"{key} is both a LoRA target and in modules_to_save")
+        else:
+            replace_module(model, key, ModulesToSaveWrapper(module, adapter_name))
+        wrapped.append(key)
+    return wrapped
+
+
+def unload_modules(model: nn.Module, merge: bool, safe_merge: bool = False, adapter_names=None) -> nn.Module:
+    """Put every base layer back (merged first when ``merge``); a modules_to_save wrapper becomes its
+    active trained copy. Returns ``model`` with no fastlora module left in it.
+
+    With ``safe_merge`` every merge is checked before any base weight changes.
+    """
+    layers = [(key, module) for key, module in iter_modules(model) if isinstance(module, ADAPTER_LAYERS)]
+    if merge and safe_merge:
+        for key, module in layers:
+            if isinstance(module, LoraLinear):
+                _check_finite_merge(key, module, adapter_names)
+    for key, module in layers:
+        if isinstance(module, LoraLinear):
+            if merge:
+                module.merge(adapter_names=adapter_names)
+            replace_module(model, key, module.base_layer)
+        else:
+            replace_module(model, key, module._current())
+    return model
+
+
+def _check_finite_merge(key: str, layer: LoraLinear, adapter_names) -> None:
+    names = layer.active_adapters if adapter_names is None else adapter_names
+    merged = layer.base_layer.weight.float()
+    for name in names:
+        if name in layer.lora_A and name not in layer.merged_adapters:
+            merged = merged + layer.get_delta_weight(name)
+    if not torch.isfinite(merged).all():
+        raise ValueError(f"merging {names} into {key} would put NaN or Inf into its weights; nothing was merged")

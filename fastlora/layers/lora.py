@@ -1,0 +1,211 @@
+"""``LoraLinear``: a drop-in LoRA layer around a frozen linear base, with PEFT's attribute names.
+
+The in-memory layout matches PEFT's ``lora.Linear`` (``base_layer``, ``lora_A[name]``, ``lora_B[name]``,
+``lora_dropout[name]``, ``scaling[name]``, ...), so ``state_dict()`` keys are identical. The forward of
+the first active adapter runs through the fused op ``fastlora.ops.lora_linear``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from fastlora.ops import lora_linear
+
+__all__ = ["LoraLinear"]
+
+
+class LoraLinear(nn.Module):
+    """LoRA around ``base_layer`` (``nn.Linear``, or a ``[in, out]`` weight with ``fan_in_fan_out=True``)."""
+
+    adapter_layer_names = ("lora_A", "lora_B")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str = "default",
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        init_lora_weights: bool | str = True,
+        use_rslora: bool = False,
+        fan_in_fan_out: bool = False,
+        adapter_dtype: torch.dtype | None = torch.float32,
+    ):
+        super().__init__()
+        self.base_layer = base_layer
+        self.fan_in_fan_out = fan_in_fan_out
+        weight = base_layer.weight
+        self.in_features, self.out_features = weight.shape[::-1] if not fan_in_fan_out else weight.shape
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.merged_adapters: list[str] = []
+        self._active_adapters: list[str] = [adapter_name]
+        self._disable_adapters = False
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, adapter_dtype)
+
+    # ---- adapters -------------------------------------------------------------------------------
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        init_lora_weights: bool | str = True,
+        use_rslora: bool = False,
+        adapter_dtype: torch.dtype | None = torch.float32,
+    ) -> None:
+        """Add (or replace) adapter ``adapter_name`` with its own rank, alpha and dropout."""
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ValueError(f"r must be a positive int, got {r!r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        weight = self.base_layer.weight
+        dtype = adapter_dtype or weight.dtype
+        if not dtype.is_floating_point:
+            dtype = torch.float32
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=dtype)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, device=weight.device, dtype=dtype)
+        self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.reset_lora_parameters(adapter_name, init_lora_weights)
+        self.set_adapter(self._active_adapters)
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, adapter_name: str, init_lora_weights: bool | str) -> None:
+        """PEFT's initialisation: B = 0 so the adapter starts as a no-op; A Kaiming-uniform or Gaussian.
+
+        ``init_lora_weights=False`` keeps ``nn.Linear``'s random init for both (a non-zero update,
+        for tests).
+        """
+        if init_lora_weights is False:
+            return
+        a = self.lora_A[adapter_name].weight
+        if init_lora_weights == "gaussian":
+            nn.init.normal_(a, std=1.0 / self.r[adapter_name])
+        else:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B[adapter_name].weight)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapters)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self._active_adapters[0] if len(self._active_adapters) == 1 else list(self._active_adapters)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def set_adapter(self, adapter_names: str | Iterable[str]) -> None:
+        """Make ``adapter_names`` active and trainable; every other adapter is frozen."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in self.lora_A:
+            trainable = name in names
+            self.lora_A[name].weight.requires_grad_(trainable)
+            self.lora_B[name].weight.requires_grad_(trainable)
+        self._active_adapters = names
+
+    def enable_adapters(self, enabled: bool) -> None:
+        if enabled:
+            self._disable_adapters = False
+        else:
+            if self.merged:
+                self.unmerge()
+            self._disable_adapters = True
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is merged into the base weights; unmerge it first")
+        for table in (self.lora_A, self.lora_B, self.lora_dropout):
+            table.pop(adapter_name, None)
+        for table in (self.r, self.lora_alpha, self.scaling):
+            table.pop(adapter_name, None)
+        remaining = [name for name in self._active_adapters if name != adapter_name]
+        if not remaining and len(self.lora_A):
+            remaining = [next(iter(self.lora_A))]
+        self.set_adapter(remaining)
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def _base_weight(self) -> torch.Tensor:
+        weight = self.base_layer.weight
+        return weight.t() if self.fan_in_fan_out else weight  # Conv1D's [in, out] as a view, never a copy
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        active = [name for name in self._active_adapters if name in self.lora_A]
+        if self._disable_adapters or self.merged or not active:
+            return self.base_layer(x, *args, **kwargs)
+        first, *rest = active
+        y = lora_linear(
+            x,
+            self._base_weight(),
+            self.base_layer.bias,
+            self.lora_A[first].weight,
+            self.lora_B[first].weight,
+            self.scaling[first],
+            self._dropout_p(first),
+            self.training,
+        )
+        for name in rest:  # several adapters active at once: rare, plain PyTorch
+            a, b = self.lora_A[name].weight, self.lora_B[name].weight
+            xd = self.lora_dropout[name](x).to(a.dtype)
+            y = y + (self.scaling[name] * (xd @ a.t() @ b.t())).to(y.dtype)
+        return y
+
+    def _dropout_p(self, adapter_name: str) -> float:
+        module = self.lora_dropout[adapter_name]
+        return module.p if isinstance(module, nn.Dropout) else 0.0
+
+    # ---- merging ---------------------------------------------------------------------------------
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``scaling * B A`` in fp32, laid out like the base weight (transposed for fan_in_fan_out)."""
+        a = self.lora_A[adapter_name].weight.float()
+        b = self.lora_B[adapter_name].weight.float()
+        delta = (b @ a) * self.scaling[adapter_name]  # [out, r] @ [r, in] -> [out, in]
+        return delta.t() if self.fan_in_fan_out else delta
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False, adapter_names: Iterable[str] | None = None) -> None:
+        """Fold adapters into the base weight (in fp32, then cast back to the weight's dtype).
+
+        With ``safe_merge`` the result is checked for NaN/Inf before the base weight is touched.
+        """
+        names = self._active_adapters if adapter_names is None else list(adapter_names)
+        weight = self.base_layer.weight
+        for name in names:
+            if name not in self.lora_A or name in self.merged_adapters:
+                continue
+            merged = weight.float() + self.get_delta_weight(name)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(
+                    f"merging adapter {name!r} would put NaN or Inf into the base weights; nothing was merged"
+                )
+            weight.copy_(merged.to(weight.dtype))
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        weight = self.base_layer.weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            weight.copy_((weight.float() - self.get_delta_weight(name)).to(weight.dtype))
+
+    def extra_repr(self) -> str:
+        ranks = ", ".join(f"{name}: r={r}" for name, r in self.r.items())
+        return f"in_features={self.in_features}, out_features={self.out_features}, {ranks}"

@@ -1,0 +1,6 @@
+"""fastlora's ops: ``torch.library`` registrations with autograd, dispatching to the reference or kernels."""
+
+from fastlora.ops.dispatch import get_backend
+from fastlora.ops.lora_linear import lora_linear
+
+__all__ = ["get_backend", "lora_linear"]

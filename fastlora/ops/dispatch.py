@@ -1,0 +1,66 @@
+"""Backend selection for fastlora's ops: ``FASTLORA_BACKEND`` = ``auto`` (default), ``reference`` or ``triton``.
+
+``auto`` runs the fused Triton kernels on CUDA tensors when ``fastlora.kernels`` provides them and the
+reference elsewhere; ``triton`` forces the kernels (on CPU tensors this needs ``TRITON_INTERPRET=1``);
+``reference`` forces the pure-PyTorch path. A request the kernels cannot serve falls back to the
+reference with a one-time warning that says why.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from functools import lru_cache
+
+import torch
+
+BACKENDS = ("auto", "reference", "triton")
+
+__all__ = ["BACKENDS", "get_backend", "resolve_backend", "load_kernels"]
+
+
+def get_backend() -> str:
+    """The backend asked for through ``FASTLORA_BACKEND`` (read on every call, so tests can switch it)."""
+    name = os.environ.get("FASTLORA_BACKEND", "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"FASTLORA_BACKEND={name!r} is not one of {', '.join(BACKENDS)}")
+    return name
+
+
+@lru_cache(maxsize=None)
+def load_kernels(op: str):
+    """The ``fastlora.kernels`` module providing ``op``, or the reason it cannot be used (a str)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    try:
+        module = importlib.import_module("fastlora.kernels")
+    except ImportError as err:
+        return f"fastlora.kernels could not be imported ({err})"
+    if not hasattr(module, op):
+        return f"fastlora.kernels has no {op!r} kernel in this version"
+    return module
+
+
+@lru_cache(maxsize=None)
+def _warn_once(reason: str) -> None:
+    warnings.warn(f"fastlora: using the reference implementation because {reason}", RuntimeWarning, stacklevel=4)
+
+
+def resolve_backend(op: str, device: torch.device):
+    """``None`` for the reference, else the kernels module to launch ``op`` from."""
+    name = get_backend()
+    if name == "reference":
+        return None
+    if name == "auto" and device.type != "cuda":
+        return None
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        _warn_once(f"FASTLORA_BACKEND=triton on {device.type} tensors needs TRITON_INTERPRET=1")
+        return None
+    module = load_kernels(op)
+    if isinstance(module, str):
+        _warn_once(module)
+        return None
+    return module

@@ -1,0 +1,149 @@
+"""``fastlora::lora_linear``: base linear plus low-rank update, one op for every device.
+
+Registered through ``torch.library`` with a fake implementation and an autograd formula, so it works
+under ``torch.compile`` and ``torch.library.opcheck``. The implementation is chosen per call by
+``fastlora.ops.dispatch`` (the reference on CPU, the fused Triton kernels on CUDA).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastlora import reference
+from fastlora.ops.dispatch import resolve_backend
+
+__all__ = ["lora_linear"]
+
+# Dropout seeds are drawn from torch's generator on the input's device so that torch.manual_seed
+# reproduces a run; int32 range keeps them valid as Triton kernel arguments.
+_SEED_HIGH = 2**31 - 1
+
+
+@torch.library.custom_op("fastlora::lora_linear", mutates_args=())
+def _lora_linear_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(y [..., N], S [M, r], seed [])``; S and the seed are what the backward needs."""
+    x2 = x.reshape(-1, x.shape[-1])  # [..., K] -> [M, K], a view for contiguous inputs
+    if dropout_p > 0.0:
+        seed = torch.randint(0, _SEED_HIGH, (), device=x.device, dtype=torch.int64)
+    else:
+        seed = torch.zeros((), device=x.device, dtype=torch.int64)
+    kernels = resolve_backend("lora_linear_fwd", x.device)
+    if kernels is None:
+        y, s = reference.lora_linear_fwd_ref(
+            x2, weight, bias, lora_A, lora_B, scaling, dropout_p, int(seed) if dropout_p > 0.0 else 0
+        )
+    else:
+        y, s = kernels.lora_linear_fwd(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    return y.reshape(*x.shape[:-1], weight.shape[0]), s, seed
+
+
+@_lora_linear_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
+    m = x.numel() // x.shape[-1]
+    y = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    s = x.new_empty((m, lora_A.shape[0]))
+    return y, s, x.new_empty((), dtype=torch.int64)
+
+
+@torch.library.custom_op("fastlora::lora_linear_backward", mutates_args=())
+def _lora_linear_backward_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    s: torch.Tensor,
+    seed: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    needs: list[bool],
+) -> list[torch.Tensor]:
+    """Gradients ``[dx, dW, db, dA, dB]``; an empty tensor stands for a gradient not asked for."""
+    x2 = x.reshape(-1, x.shape[-1])
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    kernels = resolve_backend("lora_linear_bwd", x.device)
+    if kernels is None:
+        grads = reference.lora_linear_bwd_ref(
+            dy2, x2, weight, lora_A, lora_B, s, scaling, dropout_p, int(seed) if dropout_p > 0.0 else 0, *needs
+        )
+    else:
+        grads = kernels.lora_linear_bwd(dy2, x2, weight, lora_A, lora_B, s, seed, scaling, dropout_p, *needs)
+    dx = grads[0].reshape(x.shape) if grads[0] is not None else None
+    return [g if g is not None else x.new_empty(0) for g in (dx, *grads[1:])]
+
+
+@_lora_linear_backward_op.register_fake
+def _(dy, x, weight, lora_A, lora_B, s, seed, scaling, dropout_p, needs):
+    shapes = (x.shape, weight.shape, weight.shape[:1], lora_A.shape, lora_B.shape)
+    dtypes = (x.dtype, weight.dtype, x.dtype, lora_A.dtype, lora_B.dtype)
+    return [x.new_empty(shape, dtype=dt) if need else x.new_empty(0) for need, shape, dt in zip(needs, shapes, dtypes)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p = inputs
+    _, s, seed = output
+    # Saved: x (alive anyway as the layer input), S [M, r] and the seed. Never a dropout mask.
+    ctx.save_for_backward(x, weight, lora_A, lora_B, s, seed)
+    ctx.scaling = scaling
+    ctx.dropout_p = dropout_p
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, dy, _ds, _dseed):
+    x, weight, lora_A, lora_B, s, seed = ctx.saved_tensors
+    nx, nw, nb, na, nbB = ctx.needs_input_grad[:5]
+    needs = [nx, nw, nb and ctx.has_bias, na, nbB]
+    if not any(needs):
+        return None, None, None, None, None, None, None
+    grads = _lora_linear_backward_op(dy, x, weight, lora_A, lora_B, s, seed, ctx.scaling, ctx.dropout_p, needs)
+    dx, dw, db, da, dbB = (g if need else None for g, need in zip(grads, needs))
+    if db is not None:
+        db = db.to(ctx.bias_dtype)
+    return dx, dw, db, da, dbB, None, None
+
+
+_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
+    """``y = x W^T + b + scaling * (dropout(x) A^T) B^T`` with x: [..., in], W: [out, in] (a transposed
+    view is fine), A: [r, in], B: [out, r]. Dropout applies in training mode only.
+
+    Under autocast the input, weight and bias take the autocast dtype as ``F.linear`` would; adapter
+    weights keep theirs (the op casts them, never the input).
+    """
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if x.shape[-1] != weight.shape[1] or lora_A.shape[1] != weight.shape[1] or lora_B.shape[0] != weight.shape[0]:
+        raise ValueError(
+            f"lora_linear: shapes do not fit: x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
+            f"lora_A {tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)}"
+        )
+    if lora_A.shape[0] != lora_B.shape[1]:
+        raise ValueError(f"lora_linear: rank mismatch, lora_A {tuple(lora_A.shape)} vs lora_B {tuple(lora_B.shape)}")
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    p = float(dropout_p) if training else 0.0
+    y, _, _ = _lora_linear_op(x, weight, bias, lora_A, lora_B, float(scaling), p)
+    return y

@@ -1,0 +1,279 @@
+"""``PeftModel`` and its task classes: PEFT's model wrapper, API and checkpoint behaviour.
+
+``peft_model.base_model`` is the tuner (``LoraModel``) and ``peft_model.base_model.model`` the
+transformers model, so names, state dicts and saved keys are PEFT's.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from contextlib import contextmanager
+
+from torch import nn
+
+from fastlora.checkpoint import (
+    adapter_folder,
+    get_peft_model_state_dict,
+    load_adapter_weights,
+    save_adapter,
+    set_peft_model_state_dict,
+)
+from fastlora.config import PeftConfig, PeftType, TaskType
+from fastlora.injector import LoraModel
+
+__all__ = [
+    "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForFeatureExtraction",
+    "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
+    "PEFT_TYPE_TO_TUNER_MAPPING",
+]
+
+# peft_type -> tuner class that injects and manages that method's layers.
+PEFT_TYPE_TO_TUNER_MAPPING: dict[PeftType, type[nn.Module]] = {PeftType.LORA: LoraModel}
+
+
+class PeftModel(nn.Module):
+    """A transformers model with adapters injected; everything not defined here is the tuner's or the model's."""
+
+    # Heads trained whole and saved beside the adapter for this task (PEFT's behaviour).
+    HEAD_MODULES: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True):
+        super().__init__()
+        self._check_config(peft_config)
+        self._add_head_modules(peft_config)
+        tuner = PEFT_TYPE_TO_TUNER_MAPPING[PeftType(peft_config.peft_type)]
+        if peft_config.base_model_name_or_path is None:
+            peft_config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
+        self.base_model = tuner(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+
+    def _check_config(self, peft_config) -> None:
+        if not isinstance(peft_config, PeftConfig):
+            raise TypeError(f"expected a fastlora PeftConfig (e.g. LoraConfig), got {type(peft_config).__name__}")
+        if PeftType(peft_config.peft_type) not in PEFT_TYPE_TO_TUNER_MAPPING:
+            raise ValueError(f"peft_type {peft_config.peft_type} is not supported by this fastlora")
+
+    def _add_head_modules(self, peft_config) -> None:
+        if self.HEAD_MODULES and hasattr(peft_config, "modules_to_save"):
+            peft_config.modules_to_save = list(peft_config.modules_to_save or []) + list(self.HEAD_MODULES)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # ---- what PEFT users call -----------------------------------------------------------------------
+    @property
+    def peft_config(self) -> dict[str, PeftConfig]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self.base_model.active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return self.base_model.active_adapters
+
+    @property
+    def peft_type(self) -> PeftType:
+        return PeftType(self.peft_config[self.active_adapters[0]].peft_type)
+
+    @property
+    def modules_to_save(self) -> set[str] | None:
+        names = {m for config in self.peft_config.values() for m in (getattr(config, "modules_to_save", None) or [])}
+        return names or None
+
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable, total = 0, 0
+        for param in self.parameters():
+            total += param.numel()
+            if param.requires_grad:
+                trainable += param.numel()
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    @contextmanager
+    def disable_adapter(self):
+        """Run the base model alone inside the ``with`` block (merged adapters are unmerged first)."""
+        self.base_model.disable_adapter_layers()
+        try:
+            yield
+        finally:
+            self.base_model.enable_adapter_layers()
+
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
+        """Inject a further adapter; it is created frozen and inactive until ``set_adapter``."""
+        self._check_config(peft_config)
+        if PeftType(peft_config.peft_type) != self.peft_type:
+            raise ValueError(
+                f"cannot add a {peft_config.peft_type} adapter to a model with {self.peft_type} adapters"
+            )
+        self._add_head_modules(peft_config)
+        if peft_config.base_model_name_or_path is None:
+            first = next(iter(self.peft_config.values()))
+            peft_config.base_model_name_or_path = first.base_model_name_or_path
+        self.base_model.inject_adapter(peft_config, adapter_name)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        self.base_model.set_adapter(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.base_model.delete_adapter(adapter_name)
+
+    # ---- checkpoints ----------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
+                        selected_adapters: list[str] | None = None, is_main_process: bool = True, **kwargs) -> None:
+        """Write each adapter in PEFT's format: the default one at the root, others in sub-folders."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory {os.fspath(save_directory)!r} is a file, not a folder")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"unknown adapter {unknown[0]!r}; adapters: {sorted(self.peft_config)}")
+        if not is_main_process:
+            return
+        for name in names:
+            config = copy.deepcopy(self.peft_config[name])
+            config.inference_mode = True  # as PEFT writes it: a saved adapter loads frozen unless asked
+            state = get_peft_model_state_dict(self, adapter_name=name, prefix=self.base_model.prefix)
+            save_adapter(adapter_folder(save_directory, name), state, config, safe_serialization)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
+                        is_trainable: bool = False, config: PeftConfig | None = None,
+                        autocast_adapter_dtype: bool = True, **kwargs) -> PeftModel:
+        """Load the adapter saved in folder ``model_id`` onto ``model``. ``is_trainable=False`` (the default)
+        loads it frozen for inference, as PEFT does.
+        """
+        config = PeftConfig.from_pretrained(model_id, subfolder=kwargs.pop("subfolder", None)) if config is None else config
+        config.inference_mode = not is_trainable
+        weights = load_adapter_weights(_subfolder(model_id, kwargs))  # read (and fail) before touching the model
+        if cls is PeftModel and config.task_type is not None:
+            cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING[TaskType(config.task_type)]
+        peft_model = cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        try:
+            set_peft_model_state_dict(peft_model, weights, adapter_name, prefix=peft_model.base_model.prefix)
+        except Exception:
+            peft_model.base_model.delete_adapter(adapter_name)  # puts the original modules back
+            raise
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
+                     torch_device: str | None = None, autocast_adapter_dtype: bool = True, **kwargs) -> None:
+        """Add the adapter saved in ``model_id`` under ``adapter_name``; on any error nothing changes."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or choose another name")
+        config = PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder"))
+        config.inference_mode = not is_trainable
+        weights = load_adapter_weights(_subfolder(model_id, kwargs), device=torch_device or "cpu")
+        self._check_config(config)
+        self._add_head_modules(config)
+        self.base_model.inject_adapter(config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        try:
+            set_peft_model_state_dict(self, weights, adapter_name, prefix=self.base_model.prefix)
+        except Exception:
+            self.base_model.delete_adapter(adapter_name)
+            raise
+        if not is_trainable:
+            self.eval()
+
+
+def _subfolder(model_id, kwargs) -> str:
+    sub = kwargs.get("subfolder")
+    return os.path.join(model_id, sub) if sub else os.fspath(model_id)
+
+
+class PeftModelForCausalLM(PeftModel):
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                               labels=labels, output_attentions=output_attentions,
+                               output_hidden_states=output_hidden_states, return_dict=return_dict, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.base_model.model.generate(*args, **kwargs)
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None,
+                decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                               decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
+                               decoder_inputs_embeds=decoder_inputs_embeds, labels=labels,
+                               output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                               return_dict=return_dict, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.base_model.model.generate(*args, **kwargs)
+
+
+class _EncoderTaskModel(PeftModel):
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        if labels is not None:
+            kwargs["labels"] = labels
+        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                               output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                               return_dict=return_dict, **kwargs)
+
+
+class PeftModelForSequenceClassification(_EncoderTaskModel):
+    HEAD_MODULES = ("classifier", "score")
+
+
+class PeftModelForTokenClassification(_EncoderTaskModel):
+    HEAD_MODULES = ("classifier", "score")
+
+
+class PeftModelForQuestionAnswering(_EncoderTaskModel):
+    HEAD_MODULES = ("qa_outputs",)
+
+
+class PeftModelForFeatureExtraction(_EncoderTaskModel):
+    pass
+
+
+MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[TaskType, type[PeftModel]] = {
+    TaskType.SEQ_CLS: PeftModelForSequenceClassification,
+    TaskType.SEQ_2_SEQ_LM: PeftModelForSeq2SeqLM,
+    TaskType.CAUSAL_LM: PeftModelForCausalLM,
+    TaskType.TOKEN_CLS: PeftModelForTokenClassification,
+    TaskType.QUESTION_ANS: PeftModelForQuestionAnswering,
+    TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
+}
+
+
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", mixed: bool = False,
+                   autocast_adapter_dtype: bool = True, revision: str | None = None,
+                   low_cpu_mem_usage: bool = False) -> PeftModel:
+    """Inject ``peft_config``'s adapter into ``model`` (in place) and wrap it in the task's PeftModel class."""
+    if mixed:
+        raise NotImplementedError("fastlora has no PeftMixedModel; use one adapter type per model")
+    if revision is not None:
+        peft_config.revision = revision
+    task_type = getattr(peft_config, "task_type", None)
+    cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING[TaskType(task_type)] if task_type is not None else PeftModel
+    return cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
