@@ -53,6 +53,9 @@ class PeftModel(nn.Module):
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
         self.base_model = tuner(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        if _is_checkpointing(model) and hasattr(model, "enable_input_require_grads"):
+            # Reentrant checkpointing needs an input that requires grad, or the frozen base cuts the graph.
+            model.enable_input_require_grads()
 
     def _check_config(self, peft_config) -> None:
         if not isinstance(peft_config, PeftConfig):
@@ -196,8 +199,19 @@ class PeftModel(nn.Module):
         except Exception:
             self.base_model.delete_adapter(adapter_name)
             raise
-        if not is_trainable:
+        if is_trainable:  # trainable even while inactive, as in PEFT
+            for name, param in self.named_parameters():
+                if f".{adapter_name}." in name:
+                    param.requires_grad_(True)
+        else:
             self.eval()
+
+
+def _is_checkpointing(model: nn.Module) -> bool:
+    flag = getattr(model, "is_activation_checkpointing", None)
+    if flag is None:
+        flag = getattr(model, "is_gradient_checkpointing", False)
+    return bool(flag)
 
 
 def _subfolder(model_id, kwargs) -> str:

@@ -97,6 +97,12 @@ def resolve_target_modules(model: nn.Module, config) -> list[str] | str:
     return targets
 
 
+def _within(key: str, names: list[str]) -> bool:
+    """True when ``key`` is a module named in ``names`` or lies inside one."""
+    parts = key.split(".")
+    return any(names_match(".".join(parts[:i]), names) for i in range(1, len(parts) + 1))
+
+
 def _fit_fan_in_fan_out(module: nn.Module, config, key: str) -> bool:
     conv1d = conv1d_class()
     is_conv1d = conv1d is not None and isinstance(module, conv1d)
@@ -119,7 +125,7 @@ def inject_lora(model: nn.Module, config, adapter_name: str, autocast_adapter_dt
     for key, module in iter_modules(model):
         if isinstance(module, ModulesToSaveWrapper) or is_excluded(key, resolved) or not matches_target(key, resolved):
             continue
-        if config.modules_to_save and names_match(key, config.modules_to_save):
+        if config.modules_to_save and _within(key, config.modules_to_save):
             continue  # trained whole as a modules_to_save copy, as in PEFT
         (selected if isinstance(module, (LoraLinear, *linear)) else unsupported).append((key, module))
     if unsupported:

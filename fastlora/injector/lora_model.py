@@ -108,9 +108,6 @@ class LoraModel(nn.Module):
                     layer.unmerge()
                 layer.set_adapter(names)
         self.active_adapter = names[0] if len(names) == 1 else names
-        for name in names:
-            if self.peft_config[name].inference_mode:
-                self._freeze_adapter(name)
 
     def _set_adapter_layers(self, enabled: bool) -> None:
         for layer in self._layers():
@@ -137,9 +134,13 @@ class LoraModel(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
             raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {sorted(self.peft_config)}")
+        merged = [key for key, layer in iter_modules(self.model)
+                  if isinstance(layer, LoraLinear) and adapter_name in layer.merged_adapters]
+        if merged:
+            raise ValueError(f"adapter {adapter_name!r} is merged into {merged[0]} (and maybe more); unmerge it first")
         self._remove_adapter(adapter_name)
         del self.peft_config[adapter_name]
-        remaining = [n for n in self.active_adapters if n != adapter_name] or list(self.peft_config)[:1]
+        remaining = [n for n in self.active_adapters if n != adapter_name] or sorted(self.peft_config)[:1]
         self.active_adapter = (remaining[0] if len(remaining) == 1 else remaining) if remaining else []
 
     # ---- merging ----------------------------------------------------------------------------------

@@ -99,6 +99,13 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dy, _ds, _dseed):
+    """With the frozen-or-not weight W, S = dropout(x) A^T saved by the forward and G = dY B:
+
+        dB = scaling * dY^T S                       [N, r]
+        dA = scaling * G^T dropout(x)               [r, K]   (mask regenerated from the seed)
+        dx = dY W + scaling * mask/(1-p) * (G A)    [M, K]
+        dW = dY^T x,  db = sum_M dY                 (only when they require grad)
+    """
     x, weight, lora_A, lora_B, s, seed = ctx.saved_tensors
     nx, nw, nb, na, nbB = ctx.needs_input_grad[:5]
     needs = [nx, nw, nb and ctx.has_bias, na, nbB]
