@@ -92,7 +92,14 @@ def set_peft_model_state_dict(model: nn.Module, peft_state_dict: dict[str, torch
     """
     wrappers = _wrapper_prefixes(model)
     current = model.state_dict(keep_vars=True)
-    mapped = {_load_key(k, adapter_name, wrappers, prefix): (k, v) for k, v in peft_state_dict.items()}
+    # PEFT's bias="all" also writes a wrapper's inner tensors (``classifier.modules_to_save.bias``,
+    # ``classifier.original_module.bias``) beside ``classifier.bias``; PEFT skips them on load, so do we.
+    inner = tuple(f"{w}.{part}." for w in wrappers for part in (MODULES_TO_SAVE, "original_module"))
+    mapped = {
+        _load_key(k, adapter_name, wrappers, prefix): (k, v)
+        for k, v in peft_state_dict.items()
+        if not k.startswith(inner)
+    }
     unexpected = sorted(saved for key, (saved, _) in mapped.items() if key not in current)
     if unexpected:
         raise ValueError(

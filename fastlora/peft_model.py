@@ -168,16 +168,19 @@ class PeftModel(nn.Module):
         """Load the adapter saved in folder ``model_id`` onto ``model``. ``is_trainable=False`` (the default)
         loads it frozen for inference, as PEFT does.
         """
-        config = PeftConfig.from_pretrained(model_id, subfolder=kwargs.pop("subfolder", None)) if config is None else config
+        config = PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder")) if config is None else config
         config.inference_mode = not is_trainable
         weights = load_adapter_weights(_subfolder(model_id, kwargs))  # read (and fail) before touching the model
         if cls is PeftModel and config.task_type is not None:
             cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING[TaskType(config.task_type)]
+        requires_grad = {name: param.requires_grad for name, param in model.named_parameters()}
         peft_model = cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         try:
             set_peft_model_state_dict(peft_model, weights, adapter_name, prefix=peft_model.base_model.prefix)
         except Exception:
             peft_model.base_model.delete_adapter(adapter_name)  # puts the original modules back
+            for name, param in model.named_parameters():  # and unfreezes what injection froze
+                param.requires_grad_(requires_grad[name])
             raise
         if not is_trainable:
             peft_model.eval()
@@ -245,10 +248,15 @@ class PeftModelForSeq2SeqLM(PeftModel):
 
 
 class _EncoderTaskModel(PeftModel):
+    # token_type_ids / position_ids are named because transformers' Trainer drops every dataset column
+    # the forward does not name (it looks through peft.PeftModel only); they come after PEFT's own
+    # parameters so positional calls bind as in PEFT. Passed on only when given: not every encoder
+    # takes them (DistilBERT has no token_type_ids).
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
-                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
-        if labels is not None:
-            kwargs["labels"] = labels
+                output_hidden_states=None, return_dict=None, task_ids=None, token_type_ids=None, position_ids=None,
+                **kwargs):
+        given = dict(token_type_ids=token_type_ids, position_ids=position_ids, labels=labels)
+        kwargs.update({key: value for key, value in given.items() if value is not None})
         return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                                output_attentions=output_attentions, output_hidden_states=output_hidden_states,
                                return_dict=return_dict, **kwargs)
@@ -265,9 +273,27 @@ class PeftModelForTokenClassification(_EncoderTaskModel):
 class PeftModelForQuestionAnswering(_EncoderTaskModel):
     HEAD_MODULES = ("qa_outputs",)
 
+    # start/end_positions are the labels; named (as in PEFT) so that Trainer keeps them and finds them.
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
+                start_positions=None, end_positions=None, output_attentions=None, output_hidden_states=None,
+                return_dict=None, task_ids=None, **kwargs):
+        given = dict(start_positions=start_positions, end_positions=end_positions)
+        kwargs.update({key: value for key, value in given.items() if value is not None})
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                               position_ids=position_ids, inputs_embeds=inputs_embeds,
+                               output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                               return_dict=return_dict, **kwargs)
+
 
 class PeftModelForFeatureExtraction(_EncoderTaskModel):
-    pass
+    # No labels: PEFT's parameter order, so positional calls bind the same way.
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, token_type_ids=None, position_ids=None,
+                **kwargs):
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                               output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                               return_dict=return_dict, token_type_ids=token_type_ids, position_ids=position_ids,
+                               **kwargs)
 
 
 MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[TaskType, type[PeftModel]] = {

@@ -210,9 +210,9 @@ def unload_modules(model: nn.Module, merge: bool, safe_merge: bool = False, adap
 
 def _check_finite_merge(key: str, layer: LoraLinear, adapter_names) -> None:
     names = layer.active_adapters if adapter_names is None else adapter_names
-    merged = layer.base_layer.weight.float()
-    for name in names:
+    merged = layer.base_layer.weight
+    for name in names:  # as LoraLinear.merge does it: in fp32, cast back to the weight's dtype per adapter
         if name in layer.lora_A and name not in layer.merged_adapters:
-            merged = merged + layer.get_delta_weight(name)
+            merged = (merged.float() + layer.get_delta_weight(name)).to(merged.dtype)
     if not torch.isfinite(merged).all():
         raise ValueError(f"merging {names} into {key} would put NaN or Inf into its weights; nothing was merged")

@@ -12,6 +12,7 @@ from torch import nn
 
 from fastlora.config import LoraConfig
 from fastlora.injector.inject import (
+    _check_finite_merge,
     inject_lora,
     iter_modules,
     replace_module,
@@ -79,7 +80,8 @@ class LoraModel(nn.Module):
                 continue
             if config.bias == "all":
                 for name, param in self.model.named_parameters():
-                    if name.endswith("bias"):
+                    # a wrapped head's original stays frozen, as in PEFT: only its copy is used and saved
+                    if name.endswith("bias") and ".original_module." not in name:
                         param.requires_grad_(True)
             else:  # lora_only
                 for layer in self._layers():
@@ -145,9 +147,13 @@ class LoraModel(nn.Module):
 
     # ---- merging ----------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        for layer in self._layers():
-            if isinstance(layer, LoraLinear):
-                layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        self._check_names(adapter_names)
+        layers = [(key, m) for key, m in iter_modules(self.model) if isinstance(m, LoraLinear)]
+        if safe_merge:  # every layer is checked before any base weight changes
+            for key, layer in layers:
+                _check_finite_merge(key, layer, adapter_names)
+        for _, layer in layers:
+            layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
     def unmerge_adapter(self) -> None:
         for layer in self._layers():

@@ -16,13 +16,17 @@ def names_match(key: str, names: str | Iterable[str]) -> bool:
 
 
 def layer_index(key: str, layers_pattern: str | list[str] | None) -> int | None:
-    """The index of the repeated block ``key`` lives in (``model.layers.3.mlp`` -> 3), if any."""
+    """The index of the repeated block ``key`` lives in (``model.layers.3.mlp`` -> 3), if any.
+
+    The first numbered segment wins, as in PEFT (lazy ``.*?``): a greedy match would take a nested
+    index instead (``decoder.block.0.layer.1.EncDecAttention.q`` -> 1, ``layers.1.experts.0`` -> 0).
+    """
     if not layers_pattern:
-        found = re.match(r".*\.[^.]*\.(\d+)\.", key)
+        found = re.match(r".*?\.[^.]*\.(\d+)\.", key)
         return int(found.group(1)) if found else None
     patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
     for pattern in patterns:
-        found = re.match(rf".*\.{pattern}\.(\d+)\.", key)
+        found = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", key)
         if found:
             return int(found.group(1))
     return None
@@ -34,6 +38,8 @@ def matches_target(key: str, config) -> bool:
         return False
     if config.layers_to_transform is None:
         return True
+    if not isinstance(config.target_modules, str) and key in config.target_modules:
+        return True  # a module named by its full path is taken whatever its layer, as PEFT does
     index = layer_index(key, config.layers_pattern)
     if index is None:
         return False

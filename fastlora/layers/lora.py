@@ -134,7 +134,8 @@ class LoraLinear(nn.Module):
         if adapter_name in self.merged_adapters:
             raise ValueError(f"adapter {adapter_name!r} is merged into the base weights; unmerge it first")
         for table in (self.lora_A, self.lora_B, self.lora_dropout):
-            table.pop(adapter_name, None)
+            if adapter_name in table:  # nn.ModuleDict.pop takes no default
+                del table[adapter_name]
         for table in (self.r, self.lora_alpha, self.scaling):
             table.pop(adapter_name, None)
         remaining = [name for name in self._active_adapters if name != adapter_name]
@@ -187,16 +188,19 @@ class LoraLinear(nn.Module):
         With ``safe_merge`` the result is checked for NaN/Inf before the base weight is touched.
         """
         names = self._active_adapters if adapter_names is None else list(adapter_names)
+        names = [name for name in dict.fromkeys(names) if name in self.lora_A and name not in self.merged_adapters]
         weight = self.base_layer.weight
+        if safe_merge:  # every adapter is checked before the weight changes, so a failure merges none
+            merged = weight.float()
+            for name in names:
+                merged = merged + self.get_delta_weight(name)
+                # Checked in the weight's own dtype: a finite fp32 sum can still overflow fp16 on the way back.
+                if not torch.isfinite(merged.to(weight.dtype)).all():
+                    raise ValueError(
+                        f"merging adapter {name!r} would put NaN or Inf into the base weights; nothing was merged"
+                    )
         for name in names:
-            if name not in self.lora_A or name in self.merged_adapters:
-                continue
-            merged = weight.float() + self.get_delta_weight(name)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(
-                    f"merging adapter {name!r} would put NaN or Inf into the base weights; nothing was merged"
-                )
-            weight.copy_(merged.to(weight.dtype))
+            weight.copy_((weight.float() + self.get_delta_weight(name)).to(weight.dtype))
             self.merged_adapters.append(name)
 
     @torch.no_grad()

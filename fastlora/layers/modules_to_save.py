@@ -24,7 +24,9 @@ class ModulesToSaveWrapper(nn.Module):
         self.original_module.requires_grad_(False)
 
     def update(self, adapter_name: str) -> None:
-        self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module).requires_grad_(True)
+        # trainable only when it is the active copy, as in PEFT (a new, inactive adapter starts frozen)
+        trainable = adapter_name == self._active_adapter
+        self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module).requires_grad_(trainable)
 
     @property
     def active_adapter(self) -> str:
@@ -56,6 +58,7 @@ class ModulesToSaveWrapper(nn.Module):
         self._disable_adapters = not enabled
 
     def delete_adapter(self, adapter_name: str) -> None:
-        self.modules_to_save.pop(adapter_name, None)
+        if adapter_name in self.modules_to_save:  # nn.ModuleDict.pop takes no default
+            del self.modules_to_save[adapter_name]
         if self._active_adapter == adapter_name:
             self._active_adapter = next(iter(self.modules_to_save), adapter_name)
