@@ -1,0 +1,53 @@
+"""``import fastlora`` stays light: no triton, no CUDA initialisation (DESIGN: works with no GPU)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+_PROBE = """
+import json, sys
+import torch
+import fastlora
+from fastlora import LoraConfig, LoraLinear, lora_linear, get_peft_model  # the public surface
+import fastlora.ops, fastlora.layers, fastlora.injector, fastlora.reference
+print(json.dumps({
+    "cuda_initialized": torch.cuda.is_initialized(),
+    "triton": sorted(m for m in sys.modules if m == "triton" or m.startswith("triton.")),
+    "kernels": "fastlora.kernels" in sys.modules,
+    "all": sorted(fastlora.__all__),
+    "missing": sorted(n for n in fastlora.__all__ if not hasattr(fastlora, n)),
+}))
+"""
+
+
+@pytest.fixture(scope="module")
+def probe() -> dict:
+    out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_import_does_not_initialize_cuda(probe):
+    assert probe["cuda_initialized"] is False
+
+
+def test_import_does_not_import_triton_or_kernels(probe):
+    assert probe["triton"] == []
+    assert probe["kernels"] is False
+
+
+def test_public_api_is_importable(probe):
+    assert probe["missing"] == []
+    for name in ("LoraConfig", "PeftConfig", "get_peft_model", "PeftModel", "LoraLinear", "lora_linear"):
+        assert name in probe["all"]
+
+
+def test_probe_would_see_triton_if_imported():
+    # The check above can fail: the same probe notices a triton import when there is one to notice.
+    code = "import sys, types; sys.modules['triton'] = types.ModuleType('triton'); " + _PROBE.split("import torch", 1)[1]
+    code = "import json, torch\n" + code
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1])["triton"] == ["triton"]

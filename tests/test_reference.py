@@ -1,0 +1,116 @@
+"""``fastlora.reference``: the pure-PyTorch spec. Its split forward/backward (the CPU path of the op)
+must agree with autograd through ``lora_linear_ref`` (the oracle), and the oracle with the math in
+DESIGN.md written out in fp64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fastlora.reference import dropout_mask, lora_linear_bwd_ref, lora_linear_fwd_ref, lora_linear_ref
+
+F64 = dict(rtol=1e-10, atol=1e-10)
+
+
+def _inputs(m=20, k=12, n=10, r=3, dtype=torch.float64, transposed=False, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g, dtype=dtype)
+    w = torch.randn(k, n, generator=g, dtype=dtype).t() if transposed else torch.randn(n, k, generator=g, dtype=dtype)
+    b = torch.randn(n, generator=g, dtype=dtype) if bias else None
+    a = torch.randn(r, k, generator=g, dtype=dtype)
+    bb = torch.randn(n, r, generator=g, dtype=dtype)
+    return x, w, b, a, bb
+
+
+# ---- dropout mask -----------------------------------------------------------------------------------
+
+def test_dropout_mask_is_a_function_of_the_seed():
+    shape = torch.Size([64, 32])
+    m1 = dropout_mask(shape, 0.3, 1234, torch.device("cpu"))
+    torch.rand(100)  # the global generator is not involved
+    m2 = dropout_mask(shape, 0.3, 1234, torch.device("cpu"))
+    m3 = dropout_mask(shape, 0.3, 1235, torch.device("cpu"))
+    assert m1.dtype == torch.bool and m1.shape == shape
+    assert torch.equal(m1, m2)
+    assert not torch.equal(m1, m3)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_mask_keeps_about_one_minus_p(p):
+    n = 200_000
+    kept = dropout_mask(torch.Size([n]), p, 7, torch.device("cpu")).float().mean().item()
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(kept - (1 - p)) < 5 * sigma
+
+
+def test_dropout_mask_p0_keeps_everything():
+    assert dropout_mask(torch.Size([1000]), 0.0, 3, torch.device("cpu")).all()
+
+
+# ---- the oracle against the written-out math -----------------------------------------------------------
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("p", [0.0, 0.25], ids=["p0", "p0.25"])
+def test_oracle_matches_the_formula(bias, p):
+    x, w, b, a, bb = _inputs(bias=bias)
+    x3 = x.reshape(4, 5, -1)
+    y = lora_linear_ref(x3, w, b, a, bb, 0.7, p, training=True, seed=11)
+    keep = dropout_mask(torch.Size([20, 12]), p, 11, torch.device("cpu")).to(x.dtype)
+    xd = x * keep / (1 - p)
+    expected = x @ w.t() + (0 if b is None else b) + 0.7 * (xd @ a.t()) @ bb.t()
+    torch.testing.assert_close(y, expected.reshape(4, 5, -1), **F64)
+
+
+def test_oracle_has_no_dropout_in_eval():
+    x, w, b, a, bb = _inputs()
+    torch.testing.assert_close(lora_linear_ref(x, w, b, a, bb, 2.0, 0.5, training=False, seed=1),
+                               lora_linear_ref(x, w, b, a, bb, 2.0, 0.0), **F64)
+
+
+# ---- split forward / backward against autograd of the oracle ---------------------------------------------
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["w_nk", "w_kn.t()"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("p", [0.0, 0.3], ids=["p0", "p0.3"])
+def test_fwd_bwd_ref_match_autograd(transposed, bias, p):
+    x, w, b, a, bb = _inputs(m=33, k=17, n=9, r=5, transposed=transposed, bias=bias)
+    leaves = [t.clone().requires_grad_(True) if t is not None else None for t in (x, w, b, a, bb)]
+    scaling, seed = 1.5, 99
+    y_ref = lora_linear_ref(*leaves, scaling, p, training=True, seed=seed)
+    dy = torch.randn_like(y_ref)
+    y_ref.backward(dy)
+
+    y, s = lora_linear_fwd_ref(x, w, b, a, bb, scaling, p, seed)
+    torch.testing.assert_close(y, y_ref.detach(), **F64)
+    keep = dropout_mask(x.shape, p, seed, x.device).to(x.dtype)
+    torch.testing.assert_close(s, (x * keep / (1 - p)) @ a.t(), **F64)
+
+    grads = lora_linear_bwd_ref(dy, x, w, a, bb, s, scaling, p, seed, True, True, bias, True, True)
+    for got, leaf in zip(grads, leaves):
+        if leaf is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, leaf.grad, **F64)
+
+
+def test_bwd_ref_computes_only_what_is_needed():
+    x, w, b, a, bb = _inputs()
+    y, s = lora_linear_fwd_ref(x, w, b, a, bb, 1.0, 0.0, 0)
+    dy = torch.ones_like(y)
+    assert lora_linear_bwd_ref(dy, x, w, a, bb, s, 1.0, 0.0, 0, False, False, False, False, False) == (None,) * 5
+    dx, dw, db, da, dbB = lora_linear_bwd_ref(dy, x, w, a, bb, s, 1.0, 0.0, 0, False, False, False, True, True)
+    assert dx is None and dw is None and db is None and da is not None and dbB is not None
+
+
+def test_low_precision_input_casts_adapters_down_not_input_up():
+    x, w, b, a, bb = _inputs(dtype=torch.float32)
+    xb, wb, bbias = x.bfloat16(), w.bfloat16(), b.bfloat16()
+    y, s = lora_linear_fwd_ref(xb, wb, bbias, a, bb, 1.0, 0.1, 5)
+    assert y.dtype == torch.bfloat16 and s.dtype == torch.bfloat16
+    grads = lora_linear_bwd_ref(torch.ones_like(y), xb, wb, a, bb, s, 1.0, 0.1, 5, True, True, True, True, True)
+    dx, dw, db, da, dbB = grads
+    assert dx.dtype == dw.dtype == db.dtype == torch.bfloat16
+    assert da.dtype == dbB.dtype == torch.float32  # gradients come back in the adapters' own dtype
