@@ -1,0 +1,182 @@
+"""``python -m bench``: measure every provider of each op side by side and write CSV, JSON, markdown, PNG.
+
+    python -m bench                        # full grid on the default device (cuda if available)
+    python -m bench --quick                # a subset in about a minute on CPU
+    python -m bench --ops lora_linear --device cpu --out bench/out
+
+Results are named ``<date>_<device>_<model>[_quick].{csv,json,md}`` plus ``..._<op>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from bench import lora_linear, train_step
+from bench.common import (
+    MODES,
+    default_dtype,
+    dtype_name,
+    environment,
+    measure_memory,
+    parse_dtype,
+    pick_device,
+    time_calls,
+    time_cuda_graph,
+)
+from bench.report import comparisons, write_csv, write_json, write_markdown, write_plots
+
+OPS = {"lora_linear": lora_linear, "train_step": train_step}
+GRAPH_MAX_M = 16  # decode sizes: also timed as a CUDA graph replay (BENCH.md)
+GRAPH_MODES = ("forward_nograd", "forward", "full")  # a backward alone cannot be captured without its forward
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[1:]))
+    parser.add_argument("--quick", action="store_true", help="a small subset of shapes (about a minute on CPU)")
+    parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, from {', '.join(OPS)} (default: all)")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"lora_linear modes (default: {','.join(MODES)})")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when available)")
+    parser.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on cuda, fp32 on cpu)")
+    parser.add_argument("--out", type=Path, default=Path("bench/out"), help="output folder (default: bench/out)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds of timing per measured call, spread over its rounds "
+                             "(default: 0.25, 0.15 with --quick)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit with 1 when fastlora is slower than PEFT (median) or uses more memory anywhere")
+    return parser
+
+
+def _groups(specs):
+    groups: dict[tuple, list] = {}
+    for spec in specs:
+        groups.setdefault(spec.group, []).append(spec)
+    return groups.values()
+
+
+def _row(op: str, spec, stats, mem: dict, base_p50: float, dtype: str, env, extra: dict | None = None) -> dict:
+    row = dict(
+        op=op, provider=spec.provider, mode=spec.mode, M=spec.M, K=spec.K, N=spec.N,
+        r="" if spec.r is None else spec.r, dtype=dtype, dropout="" if spec.dropout is None else spec.dropout,
+        p50_ms=stats.p50_ms, p20_ms=stats.p20_ms, p80_ms=stats.p80_ms, peak_mb=mem["peak_mb"],
+        ratio_to_base=stats.p50_ms / base_p50, **env.columns(),
+        saved_mb=mem["saved_mb"], out_mb=mem["out_mb"], timer=stats.timer, samples=stats.samples,
+    )
+    row.update(extra or {})
+    return row
+
+
+def run_op(name: str, device, dtype, env, preset: str, budget: float, modes, progress) -> list[dict]:
+    module = OPS[name]
+    if name == "lora_linear":
+        specs = module.specs(device, preset, modes=modes)
+        store = lora_linear.Inputs(device, dtype)
+    else:
+        specs = module.specs(device, preset)
+        store = train_step.Models(device, dtype)
+    rows: list[dict] = []
+    checked: set[tuple] = set()
+    for group in _groups(specs):
+        calls = {spec: module.build(spec, store) for spec in group}
+        if name == "lora_linear":
+            _check_outputs(store, group, checked, dtype)
+        stats = time_calls({spec: call.fn for spec, call in calls.items()}, device, budget_s=budget)
+        base_spec = next(spec for spec in group if spec.provider == "base")
+        for spec, call in calls.items():
+            rows.append(_row(name, spec, stats[spec], measure_memory(call, device), stats[base_spec].p50_ms,
+                             dtype_name(dtype), env))
+        if device.type == "cuda" and name == "lora_linear" and base_spec.M <= GRAPH_MAX_M and base_spec.mode in GRAPH_MODES:
+            rows += _graph_rows(name, calls, base_spec, dtype, env, budget)
+        del calls
+        progress.update(len(group))
+    store.clear()
+    return rows
+
+
+def _graph_rows(name, calls, base_spec, dtype, env, budget) -> list[dict]:
+    graphed = {spec: time_cuda_graph(call.fn, budget) for spec, call in calls.items()}
+    if graphed.get(base_spec) is None:
+        return []
+    rows = []
+    for spec, stats in graphed.items():
+        if stats is not None:
+            mem = {"peak_mb": float("nan"), "saved_mb": float("nan"), "out_mb": float("nan")}
+            row = _row(name, spec, stats, mem, graphed[base_spec].p50_ms, dtype_name(dtype), env)
+            row["mode"] = f"{spec.mode}+graph"
+            rows.append(row)
+    return rows
+
+
+def _check_outputs(store, group, checked: set, dtype) -> None:
+    """fastlora and PEFT must compute the same layer, or comparing their speed means nothing."""
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for spec in group:
+        key = (spec.K, spec.N, spec.r)
+        if spec.r is None or key in checked:
+            continue
+        checked.add(key)
+        m = min(spec.M, 64)
+        x, _ = store.x_dy(m, spec.K, spec.N)
+        scale = x.abs().max().item() * spec.K**0.5
+        err = lora_linear.check_same_output(store, m, spec.K, spec.N, spec.r) / max(scale, 1e-12)
+        if err > tol:
+            warnings.warn(f"lora_linear K={spec.K} N={spec.N} r={spec.r}: fastlora and PEFT outputs differ "
+                          f"(relative {err:.2e} > {tol:g})", RuntimeWarning, stacklevel=2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    ops = [op.strip() for op in args.ops.split(",") if op.strip()]
+    unknown = [op for op in ops if op not in OPS]
+    if unknown:
+        raise SystemExit(f"unknown op(s) {', '.join(unknown)}; choose from {', '.join(OPS)}")
+    modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
+    if any(mode not in MODES for mode in modes):
+        raise SystemExit(f"--modes: choose from {', '.join(MODES)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    dtype = parse_dtype(args.dtype) if args.dtype else default_dtype(device)
+    preset = "quick" if args.quick else "full"
+    budget = args.budget if args.budget is not None else (0.15 if args.quick else 0.25)
+    env = environment(device)
+    warnings.filterwarnings("ignore", message=".*requires_grad=True.*")  # transformers' checkpointing hint
+
+    from tqdm import tqdm
+
+    total = sum(len(OPS[op].specs(device, preset, modes=modes)) if op == "lora_linear"
+                else len(OPS[op].specs(device, preset)) for op in ops)
+    rows: list[dict] = []
+    with tqdm(total=total, desc="bench", unit="call", dynamic_ncols=True) as progress:
+        for op in ops:
+            progress.set_description(op)
+            torch.manual_seed(0)
+            rows += run_op(op, device, dtype, env, preset, budget, modes, progress)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"{env.date}_{env.slug}{'_quick' if args.quick else ''}"
+    meta = {"env": env.__dict__, "dtype": dtype_name(dtype), "preset": preset, "budget_s": budget,
+            "command": "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:])}
+    write_csv(rows, stem.with_suffix(".csv"))
+    write_json(rows, meta, stem.with_suffix(".json"))
+    text = write_markdown(rows, meta, stem.with_suffix(".md"))
+    written = [stem.with_suffix(ext) for ext in (".csv", ".json", ".md")]
+    if not args.no_plots:
+        written += write_plots(rows, meta, stem)
+    print(text)
+    print("\nwrote " + ", ".join(str(p) for p in written))
+    bad = [c for c in comparisons(rows) if c["slower"] or c["heavier"]]
+    return 1 if args.strict and bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,363 @@
+"""What every benchmark shares: device and dtype choice, the environment columns, timing and memory.
+
+Timing (``time_calls``):
+- CPU: the calls of one group (every provider for one shape and mode) run interleaved, round after
+  round, in a rotating order, each call timed alone with ``time.perf_counter``; so a slow minute of a
+  shared machine hits every provider alike. Each provider holds its own copy of the weights, so the
+  calls in between evict a call's weights from the caches (they arrive cold, as each layer's do in a
+  model, and as ``do_bench`` makes them on a GPU by clearing the L2) while the interpreter and the
+  dispatcher stay warm, as they are in a model. Flushing every cache level before each call instead
+  was tried and rejected: it makes the Python code of every layer cold too, which no model sees
+  (PEFT's 16 x 16 LoRA forward+backward: 0.07 ms warm, 0.29 ms after a flush, AMD EPYC). The garbage
+  collector is off while timing. ``budget_s`` is the wall time per call in the group.
+- CUDA: ``triton.testing.do_bench`` (CUDA events; warm-up first) per call, or
+  ``torch.cuda.Event`` timing when triton is missing; ``time_cuda_graph`` replays a captured graph
+  for decode shapes (M <= 16), where launch latency is the cost.
+
+Memory (``measure_memory``), in MiB:
+- ``peak_mb``: the most memory the call had allocated at any moment beyond what was allocated when it
+  started (inputs, weights: the same for every provider), plus, for the backward alone, the
+  activations its forward saved (they are held for it). CUDA: ``max_memory_allocated()`` after
+  ``reset_peak_memory_stats()``, minus ``memory_allocated()`` before. CPU, which has no allocator
+  peak counter: the running sum of the allocation and free events that ``torch.profiler`` records
+  with ``profile_memory=True``.
+- ``saved_mb``: what autograd keeps for the backward from the call's forward: the unique storages
+  passed through ``torch.autograd.graph.saved_tensors_hooks``, leaving out those alive before the
+  call (inputs, weights). Device-independent; 0 for a forward without grad.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import gc
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Hashable, Iterable
+
+import torch
+
+__all__ = [
+    "CSV_COLUMNS",
+    "MODES",
+    "Call",
+    "Env",
+    "Stats",
+    "default_dtype",
+    "dtype_name",
+    "environment",
+    "measure_memory",
+    "parse_dtype",
+    "pick_device",
+    "time_calls",
+    "time_cuda_graph",
+]
+
+# The columns BENCH.md fixes, in its order; extra measurements go to the markdown table only.
+CSV_COLUMNS = (
+    "op", "provider", "mode", "M", "K", "N", "r", "dtype", "dropout",
+    "p50_ms", "p20_ms", "p80_ms", "peak_mb", "ratio_to_base",
+    "device", "torch", "triton", "fastlora", "date",
+)
+
+# forward_nograd: inference; forward: the forward of a training step (builds the autograd graph);
+# backward: the backward alone, on a graph kept alive (retain_graph); full: forward + backward.
+MODES = ("forward_nograd", "forward", "backward", "full")
+
+MIB = 2.0**20
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---- device, dtype, environment ----------------------------------------------------------------------
+def pick_device(name: str | None = None) -> torch.device:
+    """``cuda`` when available (or asked for), else ``cpu``."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available in this process")
+    return device
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on a GPU (what LoRA training runs in), fp32 on CPU (CPU half-precision matmuls are not the
+    code path anyone trains with, and their speed says nothing about a GPU)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+           "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+
+
+def parse_dtype(text: str) -> torch.dtype:
+    try:
+        return _DTYPES[text.lower()]
+    except KeyError:
+        raise SystemExit(f"unknown dtype {text!r}; one of {', '.join(_DTYPES)}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown cpu"
+
+
+def _fastlora_version() -> str:
+    import fastlora
+
+    version = fastlora.__version__
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fastlora", "kernels"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return version
+    return f"{version}+g{head}{'.dirty' if dirty else ''}" if head else version
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return ""
+    return triton.__version__
+
+
+@dataclass(frozen=True)
+class Env:
+    """The columns that say where and with what a row was measured."""
+
+    device: str  # e.g. "cpu AMD EPYC (2 threads)", "cuda NVIDIA H100 80GB HBM3"
+    slug: str  # for file names, e.g. "cpu_amd-epyc"
+    torch: str
+    triton: str
+    fastlora: str
+    date: str  # ISO date of the run
+
+    def columns(self) -> dict[str, str]:
+        return {"device": self.device, "torch": self.torch, "triton": self.triton,
+                "fastlora": self.fastlora, "date": self.date}
+
+
+def environment(device: torch.device) -> Env:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        label = f"cuda {name}"
+    else:
+        name = _cpu_model()
+        label = f"cpu {name} ({torch.get_num_threads()} threads)"
+    slug = f"{device.type}_" + (re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown")
+    return Env(device=label, slug=slug, torch=torch.__version__, triton=_triton_version(),
+               fastlora=_fastlora_version(), date=_dt.date.today().isoformat())
+
+
+# ---- what is measured -----------------------------------------------------------------------------------
+@dataclass
+class Call:
+    """One provider's measured call, ready to run.
+
+    ``fn`` does the measured work once (for ``backward`` on a graph built at setup with
+    ``retain_graph=True``); it calls ``reset`` first (drop the ``.grad`` of the last call, so calls
+    do not accumulate). ``forward`` is the forward alone with grad enabled (what ``saved_mb`` looks
+    at; None for modes without grad). ``keep`` lists tensors alive before the call (inputs, weights),
+    which are not counted. ``runs_on_saved``: the call consumes activations saved before it (the
+    backward alone), so they count towards its peak.
+    """
+
+    fn: Callable[[], object]
+    reset: Callable[[], None] = lambda: None
+    forward: Callable[[], object] | None = None
+    keep: list[torch.Tensor] = field(default_factory=list)
+    out_bytes: int = 0
+    runs_on_saved: bool = False
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Stats:
+    p50_ms: float
+    p20_ms: float
+    p80_ms: float
+    samples: int
+    timer: str  # "perf_counter", "do_bench", "cuda_event", "cuda_graph"
+
+
+def _quantiles_ms(seconds: list[float]) -> tuple[float, float, float]:
+    qs = statistics.quantiles(seconds, n=10, method="inclusive") if len(seconds) > 1 else seconds * 9
+    return statistics.median(seconds) * 1e3, qs[1] * 1e3, qs[7] * 1e3  # p50, p20, p80
+
+
+def time_calls(
+    calls: dict[Hashable, Callable[[], object]],
+    device: torch.device,
+    budget_s: float = 0.5,
+    min_rounds: int = 5,
+    max_rounds: int = 2000,
+    warmup_rounds: int = 2,
+) -> dict[Hashable, Stats]:
+    """p50/p20/p80 in ms of each call (see the module docstring for how, per device)."""
+    if device.type == "cuda":
+        return {key: _time_cuda(fn, budget_s) for key, fn in calls.items()}
+    return _time_cpu_interleaved(calls, budget_s, min_rounds, max_rounds, warmup_rounds)
+
+
+def _time_cpu_interleaved(calls, budget_s, min_rounds, max_rounds, warmup_rounds) -> dict[Hashable, Stats]:
+    keys = list(calls)
+    samples: dict[Hashable, list[float]] = {key: [] for key in keys}
+    clock = time.perf_counter
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(warmup_rounds):
+            start = clock()
+            for key in keys:
+                calls[key]()
+            round_s = clock() - start
+        rounds = max(min_rounds, min(max_rounds, int(budget_s * len(keys) / max(round_s, 1e-9))))
+        for i in range(rounds):
+            shift = i % len(keys)  # rotate the order: no provider always runs right after the same one
+            for key in keys[shift:] + keys[:shift]:
+                fn = calls[key]
+                start = clock()
+                fn()
+                samples[key].append(clock() - start)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return {key: Stats(*_quantiles_ms(samples[key]), samples=len(samples[key]), timer="perf_counter")
+            for key in keys}
+
+
+def _time_cuda(fn: Callable[[], object], budget_s: float) -> Stats:
+    rep_ms = max(25.0, budget_s * 1e3)
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        return _time_cuda_events(fn, rep_ms)
+    p50, p20, p80 = do_bench(fn, warmup=25, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+    return Stats(p50, p20, p80, samples=0, timer="do_bench")
+
+
+def _time_cuda_events(fn: Callable[[], object], rep_ms: float) -> Stats:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times: list[float] = []
+    total = 0.0
+    while total < rep_ms or len(times) < 10:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+        total += times[-1] * 1e3
+    return Stats(*_quantiles_ms(times), samples=len(times), timer="cuda_event")
+
+
+def time_cuda_graph(fn: Callable[[], object], budget_s: float = 0.5) -> Stats | None:
+    """``fn`` captured in a CUDA graph and replayed, or None (with a warning) when it cannot be captured
+    (a host sync inside, such as ``.item()``, or a backward whose forward ran outside the capture)."""
+    try:
+        from triton.testing import do_bench_cudagraph
+
+        p50, p20, p80 = do_bench_cudagraph(fn, rep=max(20.0, budget_s * 1e3), quantiles=[0.5, 0.2, 0.8])
+    except Exception as err:  # noqa: BLE001 - any capture failure means "no graph row", not a crash
+        print(f"bench: CUDA graph capture failed ({type(err).__name__}: {str(err).splitlines()[0][:120]})",
+              file=sys.stderr)
+        torch.cuda.synchronize()
+        return None
+    return Stats(p50, p20, p80, samples=0, timer="cuda_graph")
+
+
+# ---- memory ---------------------------------------------------------------------------------------------
+def measure_memory(call: Call, device: torch.device) -> dict[str, float]:
+    """``peak_mb``, ``saved_mb`` and ``out_mb`` of one call (module docstring)."""
+    saved = _saved_bytes(call.forward, call.keep) if call.forward is not None else 0
+    call.reset()  # the last call's gradients are freed here, not inside the measured call
+    if device.type == "cuda":
+        peak = _cuda_peak_bytes(call.fn, device)
+    else:
+        peak = _cpu_peak_bytes(call.fn)
+    if call.runs_on_saved:
+        peak += saved
+    return {"peak_mb": peak / MIB, "saved_mb": saved / MIB, "out_mb": call.out_bytes / MIB}
+
+
+def _storage_key(t: torch.Tensor) -> tuple[str, int]:
+    storage = t.untyped_storage()
+    return (str(t.device), storage.data_ptr())
+
+
+def _saved_bytes(forward: Callable[[], object], keep: Iterable[torch.Tensor]) -> int:
+    alive = {_storage_key(t) for t in keep}
+    seen: dict[tuple[str, int], int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = _storage_key(t)
+        if key not in alive:
+            seen[key] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    del out
+    return sum(seen.values())
+
+
+def _cuda_peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+@contextlib.contextmanager
+def _quiet_fd(fd: int):
+    """Silence a C-level file descriptor (kineto prints 'profiler_start/stop' lines to stderr)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(fd)
+    except (OSError, ValueError):
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), fd)
+            yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+
+
+def _cpu_peak_bytes(fn: Callable[[], object]) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    with _quiet_fd(2), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    current = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak

@@ -1,0 +1,252 @@
+"""Results out: the CSV (BENCH.md's columns), a JSON with every measurement, a markdown table, PNG plots.
+
+``python -m bench.report RESULTS.json`` writes the markdown and plots again from a saved run, so a
+README table is always generated from committed results, never typed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from bench.common import CSV_COLUMNS
+
+__all__ = ["comparisons", "read_json", "write_csv", "write_json", "write_markdown", "write_plots", "main"]
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: _fmt_csv(row.get(key, "")) for key in CSV_COLUMNS})
+
+
+def _fmt_csv(value):
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6g}"
+    return "" if value is None else value
+
+
+ENV_COLUMNS = ("device", "torch", "triton", "fastlora", "date")
+
+
+def write_json(rows: list[dict], meta: dict, path: Path) -> None:
+    """One row a line, the environment columns once in ``meta["env"]`` (``read_json`` puts them back)."""
+    lines = [json.dumps({k: v for k, v in row.items() if k not in ENV_COLUMNS}) for row in rows]
+    path.write_text('{"meta": ' + json.dumps(meta) + ',\n"rows": [\n' + ",\n".join(lines) + "\n]}\n")
+
+
+def read_json(path: Path) -> tuple[list[dict], dict]:
+    data = json.loads(path.read_text())
+    env = {k: data["meta"]["env"][k] for k in ENV_COLUMNS}
+    return [{**row, **env} for row in data["rows"]], data["meta"]
+
+
+def _key(row: dict) -> tuple:
+    return (row["op"], row["mode"], row["M"], row["K"], row["N"])
+
+
+def comparisons(rows: list[dict]) -> list[dict]:
+    """One line per (op, mode, shape, r, dropout): base, PEFT and fastlora side by side."""
+    base = {_key(r): r for r in rows if r["provider"] == "base"}
+    pairs: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for row in rows:
+        if row["provider"] != "base":
+            pairs[(*_key(row), row["r"], row["dropout"])][row["provider"]] = row
+    out = []
+    for (op, mode, m, k, n, r, p), by in pairs.items():
+        ours, theirs, floor = by.get("fastlora"), by.get("peft"), base.get((op, mode, m, k, n))
+        if ours is None or theirs is None:
+            continue
+        out.append(dict(
+            op=op, mode=mode, M=m, K=k, N=n, r=r, dropout=p, base=floor, peft=theirs, fastlora=ours,
+            vs_peft=ours["p50_ms"] / theirs["p50_ms"],
+            slower=ours["p50_ms"] > theirs["p50_ms"],
+            heavier=_more(ours["peak_mb"], theirs["peak_mb"]) or _more(ours["saved_mb"], theirs["saved_mb"]),
+        ))
+    return out
+
+
+# "More memory" means more by over 1 KiB: fastlora saves its dropout seed (an 8-byte int64 tensor) even
+# without dropout, which the comparison should report (bench/README.md) but not flag on every row.
+MEMORY_SLACK_MB = 1.0 / 1024
+
+
+def _more(ours: float, theirs: float) -> bool:
+    return not math.isnan(ours) and not math.isnan(theirs) and ours > theirs + MEMORY_SLACK_MB
+
+
+def _ms(x: float) -> str:
+    return f"{x:.3f}" if x < 10 else f"{x:.1f}"
+
+
+def _mb(x: float) -> str:
+    return f"{x:.3g}" if x else "0"
+
+
+def _lora_linear_table(lines: list[dict]) -> list[str]:
+    out = [
+        "| mode | M | K | N | r | p | base ms | PEFT ms | fastlora ms | PEFT/base | fastlora/base "
+        "| **fastlora/PEFT** | peak MB base / PEFT / fastlora | saved MB PEFT / fastlora | out MB |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for c in lines:
+        b, p, f = c["base"], c["peft"], c["fastlora"]
+        flag = " !" if c["slower"] else ""
+        heavy = " !" if c["heavier"] else ""
+        out.append(
+            f"| {c['mode']} | {c['M']} | {c['K']} | {c['N']} | {c['r']} | {c['dropout']:g} "
+            f"| {_ms(b['p50_ms']) if b else '-'} | {_ms(p['p50_ms'])} | {_ms(f['p50_ms'])} "
+            f"| {p['ratio_to_base']:.2f} | {f['ratio_to_base']:.2f} | **{c['vs_peft']:.2f}**{flag} "
+            f"| {_mb(b['peak_mb']) if b else '-'} / {_mb(p['peak_mb'])} / {_mb(f['peak_mb'])}{heavy} "
+            f"| {_mb(p['saved_mb'])} / {_mb(f['saved_mb'])} | {_mb(f['out_mb'])} |")
+    return out
+
+
+def _train_step_table(rows: list[dict]) -> list[str]:
+    peft = {r["dropout"]: r for r in rows if r["provider"] == "peft"}
+    out = [
+        "| provider | dropout | tokens | step ms (p20-p80) | tokens/s | ratio to base | ratio to PEFT "
+        "| peak MB | saved MB |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in rows:
+        theirs = peft.get(r["dropout"])
+        vs = f"{r['p50_ms'] / theirs['p50_ms']:.2f}" if theirs and r["provider"] != "base" else "-"
+        p = "-" if r["dropout"] == "" else f"{r['dropout']:g}"
+        out.append(
+            f"| {r['provider']} | {p} | {r['M']} | {_ms(r['p50_ms'])} ({_ms(r['p20_ms'])}-{_ms(r['p80_ms'])}) "
+            f"| {r['M'] / r['p50_ms'] * 1e3:,.0f} | {r['ratio_to_base']:.2f} | {vs} "
+            f"| {_mb(r['peak_mb'])} | {_mb(r['saved_mb'])} |")
+    return out
+
+
+def write_markdown(rows: list[dict], meta: dict, path: Path) -> str:
+    env = meta["env"]
+    text = [
+        f"# fastlora benchmark: {env['device']}, {env['date']}",
+        "",
+        f"torch {env['torch']}, triton {env['triton'] or '-'}, fastlora {env['fastlora']}, "
+        f"dtype {meta['dtype']}, preset {meta['preset']}. Command: `{meta['command']}`",
+        "",
+        "Times are medians (p50) in ms; ratios divide medians. `fastlora/PEFT` above 1 means fastlora was "
+        "slower (marked `!`). peak MB: the most memory the measured call allocated beyond its inputs and "
+        "weights (the backward alone counts the activations its forward saved); saved MB: activations "
+        "autograd keeps for the backward; out MB: the output. See bench/README.md.",
+    ]
+    lines = comparisons(rows)
+    for op in dict.fromkeys(r["op"] for r in rows):
+        text += ["", f"## {op}", ""]
+        op_lines = [c for c in lines if c["op"] == op]
+        if op == "train_step":
+            text += _train_step_table([r for r in rows if r["op"] == op])
+        else:
+            text += _lora_linear_table(op_lines)
+        text += ["", _summary(op_lines)]
+    text.append("")
+    path.write_text("\n".join(text))
+    return "\n".join(text)
+
+
+def _summary(lines: list[dict]) -> str:
+    if not lines:
+        return ""
+    slower = [c for c in lines if c["slower"]]
+    heavier = [c for c in lines if c["heavier"]]
+    worst = max(lines, key=lambda c: c["vs_peft"])
+    ratios = sorted(c["vs_peft"] for c in lines)
+    return (f"fastlora/PEFT time over {len(lines)} comparisons: median {ratios[len(ratios) // 2]:.2f}, "
+            f"best {ratios[0]:.2f}, worst {worst['vs_peft']:.2f} ({worst['mode']} M={worst['M']} "
+            f"K={worst['K']} N={worst['N']} r={worst['r']} p={worst['dropout']:g}). Slower than PEFT (median) "
+            f"in {len(slower)}; more memory than PEFT (peak or saved, by over 1 KiB) in {len(heavier)}.")
+
+
+# ---- plots ------------------------------------------------------------------------------------------------
+COLORS = {"base": "tab:gray", "peft": "tab:blue", "fastlora": "tab:orange"}
+
+
+def write_plots(rows: list[dict], meta: dict, stem: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for op in dict.fromkeys(r["op"] for r in rows):
+        op_rows = [r for r in rows if r["op"] == op]
+        fig = _plot_train_step(plt, op_rows, meta) if op == "train_step" else _plot_lora_linear(plt, op_rows, meta)
+        path = stem.with_name(f"{stem.name}_{op}.png")
+        fig.savefig(path, dpi=80, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _plot_lora_linear(plt, rows: list[dict], meta: dict):
+    """Time by shape per provider, as a multiple of the base matmul's (its ms under each shape): on a log
+    scale of raw times the providers' lines lie on top of each other."""
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    dropouts = sorted({r["dropout"] for r in rows if r["provider"] != "base"})
+    ranks = sorted({r["r"] for r in rows if r["provider"] != "base"})
+    rank = 16 if 16 in ranks else ranks[len(ranks) // 2]
+    shapes = sorted({(r["K"], r["N"], r["M"]) for r in rows})
+    fig, axes = plt.subplots(len(modes), len(dropouts), figsize=(max(6.5, 0.55 * len(shapes)) * len(dropouts),
+                                                                  3.4 * len(modes)), squeeze=False)
+    for i, mode in enumerate(modes):
+        base = {(r["K"], r["N"], r["M"]): r["p50_ms"] for r in rows if r["mode"] == mode and r["provider"] == "base"}
+        labels = [f"{m}x{k}x{n}\n{base[(k, n, m)]:.3g} ms" if (k, n, m) in base else f"{m}x{k}x{n}"
+                  for k, n, m in shapes]
+        for j, p in enumerate(dropouts):
+            ax = axes[i][j]
+            for provider, color in COLORS.items():
+                by_shape = {(r["K"], r["N"], r["M"]): r["ratio_to_base"] for r in rows
+                            if r["mode"] == mode and r["provider"] == provider
+                            and (provider == "base" or (r["r"] == rank and r["dropout"] == p))}
+                xs = [x for x, s in enumerate(shapes) if s in by_shape]
+                ax.plot(xs, [by_shape[shapes[x]] for x in xs], "o-", color=color, label=provider, ms=3, lw=1)
+            ax.set_title(f"{mode}, r={rank}, dropout={p:g}", fontsize=9)
+            ax.set_ylabel("p50 / base p50")
+            ax.grid(True, alpha=0.3)
+            ax.set_xticks(range(len(shapes)))
+            ax.set_xticklabels(labels, rotation=70, fontsize=6)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"lora_linear time relative to the base matmul (M x K x N, base ms below), {meta['dtype']}: "
+                 f"{meta['env']['device']}, {meta['env']['date']}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _plot_train_step(plt, rows: list[dict], meta: dict):
+    labels = [r["provider"] + ("" if r["dropout"] == "" else f"\np={r['dropout']:g}") for r in rows]
+    tokens_per_s = [r["M"] / r["p50_ms"] * 1e3 for r in rows]
+    fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 2, 3.5))
+    ax.bar(range(len(rows)), tokens_per_s, color=[COLORS.get(r["provider"], "tab:green") for r in rows])
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel("tokens/s (higher is better)")
+    r0 = rows[0]
+    ax.set_title(f"train_step, {r0['M']} tokens, hidden {r0['K']}, {meta['dtype']}: {meta['env']['device']}, "
+                 f"{meta['env']['date']}", fontsize=9)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, help="a RESULTS.json written by python -m bench")
+    args = parser.parse_args(argv)
+    rows, meta = read_json(args.results)
+    stem = args.results.with_suffix("")
+    write_markdown(rows, meta, stem.with_suffix(".md"))
+    write_plots(rows, meta, stem)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
