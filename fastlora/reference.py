@@ -8,25 +8,26 @@ Everything here runs in the input's dtype (matmuls accumulate in fp32 internally
 kept in fp32 are cast down to the input dtype, never the input up: the input is the large tensor.
 
 Dropout masks are drawn block by block of ``MASK_ROWS`` rows, each block from a generator seeded with
-``(seed, block index)``. Forward and backward regenerate one block at a time, so no x-sized mask or
-dropped copy of x ever exists, and each block stays in cache while it is used. Each element takes one
-16-bit lane of a 64-bit draw (on CPU 2.6x cheaper than ``torch.rand``'s floats) and is kept when its lane
-is at or above a threshold: p is rounded to a multiple of 2^-16 (at most 7.6e-6 off); kept values are
-scaled by exactly ``1 / (1 - p)``.
+``(seed, block index)``: the mask is a function of the seed and the shape, so the backward regenerates
+it and nothing is saved for it. Each element takes one 16-bit lane of a 64-bit draw (on CPU 2.6x
+cheaper than ``torch.rand``'s floats) and is kept when its lane is at or above a threshold: p is rounded
+to a multiple of 2^-16 (at most 7.6e-6 off); kept values are scaled by exactly ``1 / (1 - p)``.
+On CPU the mask is written into an x-sized temporary while one op needs it (the backward into dx's own
+storage), which measures faster than block-sized pieces with small matmuls; the Triton kernels draw it
+in registers instead.
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterator
 
 import torch
 
 __all__ = [
     "MASK_ROWS",
     "dropout_mask",
-    "keep_blocks",
+    "fill_keep",
     "lora_linear_ref",
     "lora_linear_fwd_ref",
     "lora_linear_bwd_ref",
@@ -58,33 +59,39 @@ def _block_key(seed: int, block: int) -> int:
     return h ^ (h >> 16)
 
 
-def _block_keep(block: int, rows: int, k: int, p: float, seed: int, device: torch.device) -> torch.Tensor:
-    gen = _generator(device)
-    gen.manual_seed(_block_key(int(seed), block))
-    n = rows * k
-    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, generator=gen, device=device)
+def fill_keep(out: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """Write the keep-mask (1 = kept, 0 = dropped) for an ``[m, k]`` tensor into ``out`` (any dtype).
+
+    Drawn block by block of ``MASK_ROWS`` rows, each block from its own ``(seed, block)`` key, so the
+    random words in flight are bounded by one block whatever ``m`` is.
+    """
+    m, k = out.shape
+    gen = _generator(out.device)
     threshold = int(round(p * _LANES)) - _LANES // 2  # the lanes are signed int16
-    return words.view(torch.int16)[:n].view(rows, k) >= threshold
-
-
-def keep_blocks(m: int, k: int, p: float, seed: int, device: torch.device) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """``(start, stop, keep)`` for each block of rows of the ``[m, k]`` keep-mask (True = kept)."""
     for block, start in enumerate(range(0, m, MASK_ROWS)):
         stop = min(start + MASK_ROWS, m)
-        yield start, stop, _block_keep(block, stop - start, k, p, seed, device)
+        n = (stop - start) * k
+        gen.manual_seed(_block_key(int(seed), block))
+        words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, generator=gen, device=out.device)
+        # Comparing straight into the output's dtype is about 3x cheaper than a bool mask converted later.
+        torch.ge(words.view(torch.int16)[:n].view(stop - start, k), threshold, out=out[start:stop])
+    return out
 
 
 def dropout_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -> torch.Tensor:
-    """The whole keep-mask for ``shape`` (rows: every dim but the last), a function of ``(shape, p, seed)``.
-
-    For tests and the oracle: the op itself never builds it, it works one block of rows at a time.
-    """
+    """The whole keep-mask for ``shape`` (rows: every dim but the last), a function of ``(shape, p, seed)``."""
     shape = torch.Size(shape)
     k = shape[-1] if len(shape) else 1
     m = math.prod(shape[:-1])
-    if p == 0.0 or m * k == 0:
-        return torch.ones(shape, dtype=torch.bool, device=device)
-    return torch.cat([keep for _, _, keep in keep_blocks(m, k, p, seed, device)]).view(shape)
+    keep = torch.ones((m, k), dtype=torch.bool, device=device)
+    if p > 0.0 and m * k > 0:
+        fill_keep(keep, p, seed)
+    return keep.view(shape)
+
+
+def _dropped(x2: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """``mask * x`` without the ``1 / (1 - p)`` (callers fold it into a small operand): a temporary."""
+    return fill_keep(torch.empty_like(x2, memory_format=torch.contiguous_format), p, seed).mul_(x2)
 
 
 def lora_linear_fwd_ref(
@@ -104,10 +111,8 @@ def lora_linear_fwd_ref(
     if dropout_p == 0.0:
         s = x2 @ a.t()  # [M, K] @ [K, r] -> [M, r]
     else:
-        s = x2.new_empty((x2.shape[0], a.shape[0]))
-        for start, stop, keep in keep_blocks(x2.shape[0], x2.shape[1], dropout_p, seed, x2.device):
-            torch.mm(x2[start:stop] * keep, a.t(), out=s[start:stop])
-        s.mul_(1.0 / (1.0 - dropout_p))
+        # The dropped copy of x lives only until S is computed (PEFT's stays alive for the backward).
+        s = (_dropped(x2, dropout_p, seed) @ a.t()).mul_(1.0 / (1.0 - dropout_p))
     if bias is not None:
         y = torch.addmm(bias.to(dtype), x2, weight.t())
     else:
@@ -137,37 +142,36 @@ def lora_linear_bwd_ref(
 
     With ``G = dY B`` ([M, r]):  dB = scaling dY^T S,  dA = scaling G^T dropout(x),
     dx = dY W + scaling * mask / (1 - p) * (G A),  dW = dY^T x,  db = sum_M dY.
+    The scale factors go onto the small [M, r] operands, never onto an [M, K] or [N, r] result.
     """
     dtype = x2.dtype
+    m, k = x2.shape
     dy = dy.to(dtype)
     a = lora_A.to(dtype)
     b = lora_B.to(dtype)
     dx = dw = db = da = dbB = None
-    g = dy @ b if (needs_dx or needs_da) else None  # [M, N] @ [N, r] -> [M, r]
-    if needs_dbB:
-        dbB = (dy.t() @ s).mul_(scaling).to(lora_B.dtype)  # [N, M] @ [M, r] -> [N, r]
-    if needs_dx:
+    if needs_dx and dropout_p == 0.0:
         dx = dy @ weight.to(dtype)  # [M, N] @ [N, K] -> [M, K]
+    if needs_da or needs_dx:
+        gs = (dy @ b).mul_(scaling / (1.0 - dropout_p))  # G, scaled: [M, N] @ [N, r] -> [M, r]
     if dropout_p == 0.0:
         if needs_da:
-            da = (g.t() @ x2).mul_(scaling)  # [r, M] @ [M, K] -> [r, K]
+            da = gs.t() @ x2  # [r, M] @ [M, K] -> [r, K]
         if needs_dx:
-            dx.addmm_(g, a, alpha=scaling)
-    elif needs_da or needs_dx:
-        # One block of rows at a time: its mask, dropout(x) and G A never leave the cache.
-        scale = scaling / (1.0 - dropout_p)
-        acc_dtype = torch.promote_types(dtype, torch.float32)  # summed over blocks in at least fp32
-        da = torch.zeros(a.shape, dtype=acc_dtype, device=x2.device) if needs_da else None
-        for start, stop, keep in keep_blocks(x2.shape[0], x2.shape[1], dropout_p, seed, x2.device):
-            g_blk = g[start:stop]
-            if needs_da:
-                da.add_(g_blk.t() @ (x2[start:stop] * keep))
-            if needs_dx:
-                dx[start:stop].addcmul_(g_blk @ a, keep, value=scale)
-        if da is not None:
-            da.mul_(scale)
+            dx.addmm_(gs, a)
+    elif needs_dx:
+        # The mask is regenerated into dx's own storage, which holds mask, then mask * x, then dx.
+        buf = fill_keep(torch.empty_like(x2, memory_format=torch.contiguous_format), dropout_p, seed)
+        update = (gs @ a).mul_(buf)  # [M, r] @ [r, K] -> [M, K], masked
+        if needs_da:
+            da = gs.t() @ buf.mul_(x2)
+        dx = torch.addmm(update, dy, weight.to(dtype), out=buf)
+    elif needs_da:
+        da = gs.t() @ _dropped(x2, dropout_p, seed)
     if da is not None:
         da = da.to(lora_A.dtype)
+    if needs_dbB:
+        dbB = (dy.t() @ (s * scaling)).to(lora_B.dtype)  # [N, M] @ [M, r] -> [N, r]
     if needs_dw:
         dw = (dy.t() @ x2).to(weight.dtype)
     if needs_db:

@@ -155,12 +155,18 @@ class _LoraLinearFunction(torch.autograd.Function):
 
 
 def _composite(x, weight, bias, lora_A, lora_B, scaling):
-    """The reference without dropout as native differentiable ops: autograd saves x, S = x A^T, A and B."""
+    """The reference without dropout as native differentiable ops: autograd saves x, S = x A^T, A and B.
+
+    The base matmul is added in place into ``scaling * S B^T + b``: one [M, N] tensor in the forward,
+    none extra in the backward, and B's gradient comes out of ``F.linear``'s backward contiguous (an
+    ``addmm`` with ``B^T`` would hand AccumulateGrad a transposed gradient to copy).
+    """
     dtype = x.dtype
-    s = x @ lora_A.to(dtype).t()
-    y = torch.nn.functional.linear(x, weight, None if bias is None else bias.to(dtype))
-    return torch.addmm(y.reshape(-1, y.shape[-1]), s.reshape(-1, s.shape[-1]), lora_B.to(dtype).t(),
-                       alpha=scaling).view(y.shape)
+    x2 = x.reshape(-1, x.shape[-1])  # 2-D throughout: an in-place op on a view would clone dY in the backward
+    s = torch.nn.functional.linear(x2, lora_A.to(dtype)) * scaling  # [M, r]
+    y = torch.nn.functional.linear(s, lora_B.to(dtype), None if bias is None else bias.to(dtype))
+    y.addmm_(x2, weight.t())
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def lora_linear(
