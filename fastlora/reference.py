@@ -104,7 +104,8 @@ def lora_linear_fwd_ref(
     dropout_p: float,
     seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``y: [M, N]`` and ``S = dropout(x) A^T: [M, r]`` (saved for backward)."""
+    """Returns ``y: [M, N]`` and ``S = dropout(x) A^T: [M, r]``, saved for backward in at least fp32 (the
+    kernels accumulate S in fp32 and keep it so; the op promises one dtype whatever the backend)."""
     dtype = x2.dtype
     a = lora_A.to(dtype)
     b = lora_B.to(dtype)
@@ -119,7 +120,7 @@ def lora_linear_fwd_ref(
         y = x2 @ weight.t()
     # One in-place update instead of PEFT's separate B-output, scale and add: fewer M x N temporaries.
     y.addmm_(s, b.t(), alpha=scaling)
-    return y, s
+    return y, s.to(torch.promote_types(dtype, torch.float32))
 
 
 def lora_linear_bwd_ref(
@@ -128,7 +129,7 @@ def lora_linear_bwd_ref(
     weight: torch.Tensor,  # [N, K]
     lora_A: torch.Tensor,  # [r, K]
     lora_B: torch.Tensor,  # [N, r]
-    s: torch.Tensor,  # [M, r]
+    s: torch.Tensor,  # [M, r], at least fp32
     scaling: float,
     dropout_p: float,
     seed: int,
@@ -171,7 +172,7 @@ def lora_linear_bwd_ref(
     if da is not None:
         da = da.to(lora_A.dtype)
     if needs_dbB:
-        dbB = (dy.t() @ (s * scaling)).to(lora_B.dtype)  # [N, M] @ [M, r] -> [N, r]
+        dbB = (dy.t() @ (s * scaling).to(dtype)).to(lora_B.dtype)  # [N, M] @ [M, r] -> [N, r]
     if needs_dw:
         dw = (dy.t() @ x2).to(weight.dtype)
     if needs_db:

@@ -109,7 +109,7 @@ def test_low_precision_input_casts_adapters_down_not_input_up():
     x, w, b, a, bb = _inputs(dtype=torch.float32)
     xb, wb, bbias = x.bfloat16(), w.bfloat16(), b.bfloat16()
     y, s = lora_linear_fwd_ref(xb, wb, bbias, a, bb, 1.0, 0.1, 5)
-    assert y.dtype == torch.bfloat16 and s.dtype == torch.bfloat16
+    assert y.dtype == torch.bfloat16 and s.dtype == torch.float32  # S (M x r) is kept in fp32: small and exact
     grads = lora_linear_bwd_ref(torch.ones_like(y), xb, wb, a, bb, s, 1.0, 0.1, 5, True, True, True, True, True)
     dx, dw, db, da, dbB = grads
     assert dx.dtype == dw.dtype == db.dtype == torch.bfloat16

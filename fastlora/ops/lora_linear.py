@@ -34,7 +34,7 @@ def _forward(
     scaling: float,
     dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(y [..., N], S [M, r], seed [])``; S and the seed are what the backward needs."""
+    """Returns ``(y [..., N], S [M, r] in at least fp32, seed [])``; S and the seed are what the backward needs."""
     x2 = x.reshape(-1, x.shape[-1])  # [..., K] -> [M, K], a view for contiguous inputs
     if dropout_p > 0.0:
         seed = torch.randint(0, _SEED_HIGH, (), device=x.device, dtype=torch.int64)
@@ -72,7 +72,7 @@ _lora_linear_op = torch.library.custom_op("fastlora::lora_linear", _forward, mut
 def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
     m = x.numel() // x.shape[-1]
     y = x.new_empty((*x.shape[:-1], weight.shape[0]))
-    s = x.new_empty((m, lora_A.shape[0]))
+    s = x.new_empty((m, lora_A.shape[0]), dtype=torch.promote_types(x.dtype, torch.float32))
     return y, s, x.new_empty((), dtype=torch.int64)
 
 
