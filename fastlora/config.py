@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import os
 import warnings
@@ -48,8 +49,25 @@ _CONFIG_CLASSES: dict[str, type[PeftConfig]] = {}
 
 
 def register_config(cls):
+    """Make ``cls`` loadable by its peft_type, and let its constructor take PEFT's unsupported fields at
+    their defaults (``LoraConfig(use_dora=False)`` works) and refuse them otherwise with a clear error."""
     _CONFIG_CLASSES[cls.PEFT_TYPE.value] = cls
+    dataclass_init = cls.__init__
+
+    @functools.wraps(dataclass_init)
+    def __init__(self, *args, **kwargs):
+        for key, default in cls.UNSUPPORTED_AT_DEFAULT.items():
+            if key in kwargs:
+                _check_unsupported(cls, key, kwargs.pop(key), default)
+        dataclass_init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
     return cls
+
+
+def _check_unsupported(cls, key: str, value: Any, default: Any) -> None:
+    if value != default and not (default is None and value in ({}, [], False)):
+        raise NotImplementedError(f"{cls.__name__}: fastlora does not support {key}={value!r}")
 
 
 @dataclass
@@ -118,9 +136,7 @@ class PeftConfig:
             cls = _CONFIG_CLASSES[peft_type]
         known = {f.name for f in fields(cls)}
         for key, default in cls.UNSUPPORTED_AT_DEFAULT.items():
-            value = data.pop(key, default)
-            if value != default and not (default is None and value in ({}, [], False)):
-                raise NotImplementedError(f"{cls.__name__}: fastlora does not support {key}={value!r}")
+            _check_unsupported(cls, key, data.pop(key, default), default)
         unknown = sorted(set(data) - known - cls.IGNORED_KEYS)
         if unknown:
             warnings.warn(f"{cls.__name__}: ignoring unknown config keys {unknown}", UserWarning, stacklevel=3)

@@ -189,6 +189,17 @@ def test_peft_only_features_raise_not_implemented(key, value):
         PeftConfig.from_dict({"peft_type": "LORA", key: value})
 
 
+@pytest.mark.parametrize("key, value", [("use_dora", True), ("layer_replication", [[0, 2]])])
+def test_peft_only_features_raise_in_the_constructor(key, value):
+    with pytest.raises(NotImplementedError, match=key):
+        LoraConfig(**{key: value})
+
+
+def test_peft_only_features_are_accepted_at_their_defaults():
+    config = LoraConfig(r=4, use_dora=False, layer_replication=None, lora_bias=False)
+    assert config.r == 4
+
+
 def test_peft_only_features_raise_from_a_peft_file(tmp_path):
     peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True).save_pretrained(tmp_path)
     with pytest.raises(NotImplementedError, match="use_dora"):

@@ -143,6 +143,10 @@ class LoraLinear(nn.Module):
             remaining = [next(iter(self.lora_A))]
         self.set_adapter(remaining)
 
+    def get_base_layer(self) -> nn.Module:
+        """The wrapped layer (PEFT's ``BaseTunerLayer.get_base_layer``)."""
+        return self.base_layer
+
     # ---- forward ---------------------------------------------------------------------------------
     def _base_weight(self) -> torch.Tensor:
         weight = self.base_layer.weight

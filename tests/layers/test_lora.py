@@ -65,7 +65,7 @@ PEFT_ATTRIBUTES = [
     "base_layer", "lora_A", "lora_B", "lora_dropout", "r", "lora_alpha", "scaling", "merged_adapters",
     "active_adapter", "active_adapters", "disable_adapters", "merged", "in_features", "out_features",
     "fan_in_fan_out", "adapter_layer_names", "other_param_names", "update_layer", "reset_lora_parameters",
-    "set_adapter", "enable_adapters", "delete_adapter", "merge", "unmerge", "get_delta_weight",
+    "set_adapter", "enable_adapters", "delete_adapter", "merge", "unmerge", "get_delta_weight", "get_base_layer",
 ]
 
 
@@ -86,6 +86,12 @@ def test_peft_attribute_names(name):
     ours, theirs = _pair()
     assert hasattr(theirs, name), f"PEFT has no {name} any more: update the list"
     assert hasattr(ours, name)
+
+
+def test_get_base_layer_is_the_wrapped_layer():
+    ours, theirs = _pair()
+    assert ours.get_base_layer() is ours.base_layer
+    assert type(ours.get_base_layer()) is type(theirs.get_base_layer())
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
