@@ -1,6 +1,19 @@
 """fastlora's Triton kernels, installed as ``fastlora.kernels``.
 
-Imports torch and triton only, never ``fastlora``. The fused LoRA kernels (``lora_linear_fwd``,
-``lora_linear_bwd``) arrive with the kernels issue; until then ``fastlora.ops`` finds none here and
-runs the reference, saying so once when ``FASTLORA_BACKEND=triton`` asks for kernels.
+Imports torch and triton only, never ``fastlora``. ``fastlora.ops`` calls:
+
+- ``lora_linear_fwd(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed) -> (y, S)``
+- ``lora_linear_bwd(dy2, x2, weight, lora_A, lora_B, S, seed, scaling, dropout_p, needs_dx, needs_dw,
+  needs_db, needs_da, needs_dbB) -> (dx, dW, db, dA, dB)``
+- ``unsupported_reason(x2, weight, bias, lora_A, lora_B, dropout_p) -> str | None``
+- ``dropout_keep_mask(seed, M, K, p, device)``: the mask the kernels draw (tests and oracles)
+
+The kernels run compiled on CUDA, or on CPU tensors under the Triton interpreter when
+``TRITON_INTERPRET=1`` was set before triton was imported. ``FASTLORA_AUTOTUNE=1`` (read at import)
+autotunes the fused GEMM instead of using the heuristic tiles.
 """
+
+from .dropout import dropout_keep_mask
+from .lora_linear import lora_linear_bwd, lora_linear_fwd, unsupported_reason
+
+__all__ = ["lora_linear_fwd", "lora_linear_bwd", "unsupported_reason", "dropout_keep_mask"]
