@@ -40,11 +40,14 @@ def _keep_mask(seed, offs_m, k0, threshold, BLOCK_M: tl.constexpr, BLOCK_K: tl.c
     c0 = zero + (k0 // 8 + tl.arange(0, G)).to(tl.uint32)[None, :]  # column group
     c1 = zero + offs_m.to(tl.uint32)[:, None]  # row
     r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, zero)
-    # Interleave the 8 lanes of each group back into column order: join stacks along a new last
-    # axis, so lane j = 4a + 2b + c sits at [.., a, b, c] and the reshape puts it at column 8g + j.
+    l0, l1, l2, l3 = r0 & 0xFFFF, r0 >> 16, r1 & 0xFFFF, r1 >> 16
+    l4, l5, l6, l7 = r2 & 0xFFFF, r2 >> 16, r3 & 0xFFFF, r3 >> 16
+    # Interleave the 8 lanes of each group back into column order. Each join adds a new last axis,
+    # which the reshape then varies fastest, so the outermost join picks bit 0 of the lane index:
+    # lane j = 4a + 2b + c ends up at [.., a, b, c], i.e. at column 8g + j.
     lanes = tl.join(
-        tl.join(tl.join(r0 & 0xFFFF, r0 >> 16), tl.join(r1 & 0xFFFF, r1 >> 16)),
-        tl.join(tl.join(r2 & 0xFFFF, r2 >> 16), tl.join(r3 & 0xFFFF, r3 >> 16)),
+        tl.join(tl.join(l0, l4), tl.join(l2, l6)),
+        tl.join(tl.join(l1, l5), tl.join(l3, l7)),
     )
     lanes = tl.reshape(lanes, (BLOCK_M, BLOCK_K))
     return lanes.to(tl.int32) >= threshold
