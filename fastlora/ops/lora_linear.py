@@ -6,9 +6,11 @@ under ``torch.compile`` and ``torch.library.opcheck``. The implementation is cho
 
 Eager calls skip the registered op's dispatch, which costs about 75 us per forward + backward on a
 2-core CPU (torch 2.13): more than the whole LoRA update at decode sizes. They run the same forward
-and backward functions through an ``autograd.Function`` (``_LoraLinearFunction``), or, on the reference
-path without dropout, as native differentiable ops (``_composite``), whose autograd saves the same
-tensors (x, S and the small weights). Under ``torch.compile`` the registered op is what gets traced.
+and backward functions through an ``autograd.Function`` (``_LoraLinearFunction``), or, for a handful of
+rows on the reference path without dropout, as native differentiable ops (``_composite``: no Python in
+the backward, which is what decode-sized training steps pay for; its autograd keeps one extra [M, r]
+gradient alive in the backward, so larger inputs take the Function). Under ``torch.compile`` the
+registered op is what gets traced.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ __all__ = ["lora_linear"]
 # Dropout seeds are drawn from torch's generator on the input's device so that torch.manual_seed
 # reproduces a run; int32 range keeps them valid as Triton kernel arguments.
 _SEED_HIGH = 2**31 - 1
+# Up to this many rows, eager calls without dropout on the reference take ``_composite``.
+_COMPOSITE_MAX_ROWS = 4
 
 
 def _forward(
@@ -203,7 +207,8 @@ def lora_linear(
     if torch.compiler.is_compiling():
         return _lora_linear_op(*args)[0]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):
-        if args[6] == 0.0 and resolve_backend("lora_linear_fwd", x.device) is None:
+        if (args[6] == 0.0 and x.numel() <= _COMPOSITE_MAX_ROWS * x.shape[-1]
+                and resolve_backend("lora_linear_fwd", x.device) is None):
             return _composite(*args[:6])
         return _LoraLinearFunction.apply(*args)
     return _forward(*args)[0]
