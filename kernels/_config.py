@@ -123,20 +123,24 @@ def shrink_config(M: int, K: int, R: int, device: torch.device, interpreter: boo
 
 
 def bwd_shrink_config(M: int, N: int, R: int, interpreter: bool) -> dict:
-    """Tiles for the backward's ``G = dY B`` (row programs) and ``dB = dY^T S`` (column programs)."""
+    """Tiles for the backward's ``G = dY B`` (programs owning rows) and ``dB = dY^T S`` (owning columns).
+
+    Programs = cdiv(M, OWN) + cdiv(N, OWN), each walking a whole strip of dY in WALK-wide steps: a
+    narrow owned block for enough programs, a wide walked one for bytes in flight. The walked block
+    shrinks with the rank so that the [WALK, R] fp32 adapter tile keeps 3 stages in 100 KiB.
+    """
     if interpreter:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
-    # Programs = cdiv(M, BM) + cdiv(N, BN), each streaming a whole strip of dY: small tiles until
-    # there are a few hundred programs.
-    block = 64 if triton.cdiv(M, 64) + triton.cdiv(N, 64) >= 256 else 32
-    return dict(BLOCK_M=block, BLOCK_N=block, num_warps=8 if R >= 128 else 4, num_stages=3)
+        return dict(BLOCK_OWN=32, BLOCK_WALK=64, num_warps=4, num_stages=1)
+    walk = 128 if R <= 64 else 64 if R <= 128 else 32
+    return dict(BLOCK_OWN=32, BLOCK_WALK=walk, num_warps=8 if R >= 128 else 4, num_stages=3)
 
 
 def grad_a_config(M: int, K: int, R: int, interpreter: bool) -> dict:
     """Tiles for ``dA = G^T dropout(x)``: one program per K block walks all M rows."""
     if interpreter:
         return dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=1)
-    block_k = 64 if triton.cdiv(K, 64) >= 256 else 32 if triton.cdiv(K, 32) >= 128 else 16
+    block_k = 64 if triton.cdiv(K, 64) >= 128 else 32 if triton.cdiv(K, 32) >= 64 else 16
     if R >= 128:
         block_k = min(block_k, 32)
-    return dict(BLOCK_M=64, BLOCK_K=block_k, num_warps=8 if R >= 128 else 4, num_stages=3)
+    block_m = 256 if R <= 32 else 128 if R <= 64 else 64  # the walked rows: bytes in flight
+    return dict(BLOCK_M=block_m, BLOCK_K=block_k, num_warps=8 if R >= 128 else 4, num_stages=3)

@@ -1,6 +1,6 @@
 """The LoRA backward's low-rank halves (dx and dW run through ``lora_gemm``):
 
-    G  = scaling / (1 - p) * dY B        [M, R] fp32, zero-padded to the rank bucket (for dA and dx)
+    G  = scaling / (1 - p) * dY B        [M, R] in x's dtype, zero-padded to the rank bucket (for dA, dx)
     dB = scaling * dY^T S                [N, r]
     db = sum_M dY                        [N]
     dA = G^T (mask ⊙ x)                  [r, K]   (mask regenerated from the seed)
@@ -8,7 +8,11 @@
 ``_lora_bwd_shrink_kernel`` does G, dB and db in one launch over dY: its first programs each own a
 row block and walk N (G), the rest each own a column block and walk M (dB and db). Each result is
 reduced inside one program, so no atomics and a deterministic sum order; dY is streamed twice, the
-second time mostly out of L2 since both halves run concurrently.
+second time mostly out of L2 since both halves run concurrently. The owned block is narrow (many
+programs) and the walked one wide (many bytes in flight per program: these loops are memory-bound).
+
+G is stored in x's dtype: its consumers (dx's epilogue, dA) feed it to tl.dot in that dtype anyway,
+so this is the same rounding at half the traffic.
 """
 
 from __future__ import annotations
@@ -34,39 +38,39 @@ def _lora_bwd_shrink_kernel(
     stride_dbbn, stride_dbbr,
     # runtime scalars
     g_scale, dbb_scale,
-    R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    R: tl.constexpr, BLOCK_OWN: tl.constexpr, BLOCK_WALK: tl.constexpr,
     HAS_G: tl.constexpr, HAS_DBB: tl.constexpr, HAS_DB: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_r = tl.arange(0, R)
     rank_ok = offs_r < r
     if HAS_G:
-        num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
+        num_pid_m = (M + BLOCK_OWN - 1) // BLOCK_OWN
     else:
         num_pid_m = 0
     if pid < num_pid_m:
         # G rows: [BM, N] @ [N, R], dY streamed along N.
-        offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = pid * BLOCK_OWN + tl.arange(0, BLOCK_OWN)
         row_ok = offs_m[:, None] < M
         dy_rows = dy_ptr + offs_m[:, None].to(tl.int64) * stride_dym
-        acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
-        for n0 in range(0, N, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_OWN, R), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_WALK):
+            offs_n = n0 + tl.arange(0, BLOCK_WALK)
             dy = tl.load(dy_rows + offs_n[None, :] * stride_dyn, mask=row_ok & (offs_n[None, :] < N), other=0.0)
             b = tl.load(b_ptr + offs_n[:, None].to(tl.int64) * stride_bn + offs_r[None, :] * stride_br,
                         mask=(offs_n[:, None] < N) & rank_ok[None, :], other=0.0)
             acc = tl.dot(dy, b.to(dy.dtype), acc, input_precision=DOT_PRECISION)  # [BM, BN] @ [BN, R]
         g_ptrs = g_ptr + offs_m[:, None].to(tl.int64) * stride_gm + offs_r[None, :] * stride_gr
-        tl.store(g_ptrs, acc * g_scale, mask=row_ok)  # padding columns are zeros
+        tl.store(g_ptrs, (acc * g_scale).to(g_ptr.dtype.element_ty), mask=row_ok)  # padding columns are zeros
     else:
         # dB and db columns: [N, M] @ [M, R] and a column sum, dY streamed along M.
-        offs_n = (pid - num_pid_m) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = (pid - num_pid_m) * BLOCK_OWN + tl.arange(0, BLOCK_OWN)
         col_ok = offs_n[None, :] < N
         dy_cols = dy_ptr + offs_n[None, :].to(tl.int64) * stride_dyn
-        acc = tl.zeros((BLOCK_N, R), dtype=tl.float32)
-        col_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for m0 in range(0, M, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
+        acc = tl.zeros((BLOCK_OWN, R), dtype=tl.float32)
+        col_sum = tl.zeros((BLOCK_OWN,), dtype=tl.float32)
+        for m0 in range(0, M, BLOCK_WALK):
+            offs_m = m0 + tl.arange(0, BLOCK_WALK)
             row_ok = offs_m[:, None] < M
             dy = tl.load(dy_cols + offs_m[:, None].to(tl.int64) * stride_dym, mask=row_ok & col_ok, other=0.0)
             if HAS_DBB:
@@ -112,7 +116,7 @@ def _lora_grad_a_kernel(
             x = tl.where(_keep_mask(seed, offs_m, pid_k * BLOCK_K, threshold, BLOCK_M, BLOCK_K), x, tl.zeros_like(x))
         g = tl.load(g_ptr + offs_m[:, None].to(tl.int64) * stride_gm + offs_r[None, :] * stride_gr,
                     mask=row_ok, other=0.0)
-        acc = tl.dot(tl.trans(g.to(x.dtype)), x, acc, input_precision=DOT_PRECISION)  # [R, BM] @ [BM, BK]
+        acc = tl.dot(tl.trans(g), x, acc, input_precision=DOT_PRECISION)  # [R, BM] @ [BM, BK]
     da_ptrs = da_ptr + offs_r[:, None].to(tl.int64) * stride_dar + offs_k[None, :] * stride_dak
     tl.store(da_ptrs, acc.to(da_ptr.dtype.element_ty), mask=(offs_r[:, None] < r) & col_ok)
 
@@ -128,13 +132,13 @@ def lora_bwd_shrink(
     needs_db: bool,
     db_dtype: torch.dtype,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Returns ``(G [M, R] fp32 scaled by scaling / (1 - p), dB [N, r] in lora_B's dtype, db [N])``,
-    each None when not asked for."""
+    """Returns ``(G [M, R] in dY's dtype scaled by scaling / (1 - p), dB [N, r] in lora_B's dtype,
+    db [N])``, each None when not asked for."""
     M, N = dy2.shape
     r = lora_B.shape[1]
     R = _config.rank_bucket(r)
     dev = dy2.device
-    g = torch.empty((M, R), dtype=torch.float32, device=dev) if needs_g else None
+    g = torch.empty((M, R), dtype=dy2.dtype, device=dev) if needs_g else None
     dbB = torch.empty((N, r), dtype=lora_B.dtype, device=dev) if needs_dbB else None
     db = torch.empty((N,), dtype=db_dtype, device=dev) if needs_db else None
     if M == 0:  # empty sums
@@ -144,8 +148,8 @@ def lora_bwd_shrink(
             db.zero_()
     interpreter = _config.interpreted(_lora_bwd_shrink_kernel)
     cfg = _config.bwd_shrink_config(M, N, R, interpreter)
-    n_rows = triton.cdiv(M, cfg["BLOCK_M"]) if needs_g else 0
-    n_cols = triton.cdiv(N, cfg["BLOCK_N"]) if (needs_dbB or needs_db) and M > 0 else 0
+    n_rows = triton.cdiv(M, cfg["BLOCK_OWN"]) if needs_g else 0
+    n_cols = triton.cdiv(N, cfg["BLOCK_OWN"]) if (needs_dbB or needs_db) and M > 0 else 0
     if n_rows + n_cols == 0:
         return g, dbB, db
     placeholder = dy2
@@ -164,7 +168,7 @@ def lora_bwd_shrink(
 
 def lora_grad_a(
     x2: torch.Tensor,  # [M, K]
-    g: torch.Tensor,  # [M, R] fp32, scaled (from lora_bwd_shrink)
+    g: torch.Tensor,  # [M, R] in x's dtype, scaled (from lora_bwd_shrink)
     r: int,
     dtype: torch.dtype,
     dropout_p: float,

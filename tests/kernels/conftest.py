@@ -15,6 +15,7 @@ Fixtures:
   ``B``: 1/sqrt(r)); ``transposed=True`` hands ``W`` over as the ``.t()`` view of a ``[K, N]`` tensor.
 - ``lora_formula(x, w, b, A, B, scaling, keep, p)``: ``y`` through plain differentiable torch ops with an
   explicit keep-mask: the oracle (in float64) and PyTorch's own same-dtype baseline.
+- ``philox_keep(seed, M, K, p)``: the documented dropout mask computed in NumPy, independently of triton.
 - ``assert_close_rule(out, gold, base, atol)``: flash-attention's rule: ``|out - gold| <= 2 |base - gold| + atol``.
 """
 
@@ -25,6 +26,7 @@ import os
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -89,3 +91,29 @@ def assert_close_rule():
 @pytest.fixture
 def dtype_atol():
     return ATOL
+
+
+def _philox_keep(seed: int, M: int, K: int, p: float) -> np.ndarray:
+    """The documented mask, independently: Philox4x32-10, key (seed, 0), counter (k // 8, m, 0, 0);
+    element k takes 16-bit lane k % 8 (word lane // 2, low half first) and is kept when lane >= round(p 2^16)."""
+    mask32 = np.uint64(0xFFFFFFFF)
+    groups = (K + 7) // 8
+    c0 = np.broadcast_to(np.arange(groups, dtype=np.uint64)[None, :], (M, groups)).copy()
+    c1 = np.broadcast_to(np.arange(M, dtype=np.uint64)[:, None], (M, groups)).copy()
+    c2 = np.zeros_like(c0)
+    c3 = np.zeros_like(c0)
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
+    for _ in range(10):
+        p0 = np.uint64(0xD2511F53) * c0
+        p1 = np.uint64(0xCD9E8D57) * c2
+        c0, c1, c2, c3 = ((p1 >> np.uint64(32)) ^ c1 ^ k0) & mask32, p1 & mask32, \
+            ((p0 >> np.uint64(32)) ^ c3 ^ k1) & mask32, p0 & mask32
+        k0 = (k0 + np.uint64(0x9E3779B9)) & mask32
+        k1 = (k1 + np.uint64(0xBB67AE85)) & mask32
+    lanes = np.stack([w >> np.uint64(shift) & np.uint64(0xFFFF) for w in (c0, c1, c2, c3) for shift in (0, 16)], -1)
+    return (lanes.reshape(M, groups * 8)[:, :K] >= round(p * 2**16))
+
+
+@pytest.fixture
+def philox_keep():
+    return _philox_keep
