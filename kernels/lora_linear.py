@@ -37,6 +37,20 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return _NAMES.get(dtype, str(dtype).replace("torch.", ""))
 
 
+def _check_shapes(x2, weight, bias, lora_A, lora_B) -> None:
+    """The kernels index through these shapes: a mismatch would read out of bounds, so it raises."""
+    M, K = x2.shape
+    N = weight.shape[0]
+    r = lora_A.shape[0]
+    if weight.shape[1] != K or lora_A.shape[1] != K or tuple(lora_B.shape) != (N, r) \
+            or (bias is not None and tuple(bias.shape) != (N,)):
+        raise ValueError(
+            f"lora kernels: shapes do not fit: x {tuple(x2.shape)}, weight {tuple(weight.shape)}, "
+            f"bias {None if bias is None else tuple(bias.shape)}, lora_A {tuple(lora_A.shape)}, "
+            f"lora_B {tuple(lora_B.shape)}"
+        )
+
+
 def unsupported_reason(
     x2: torch.Tensor,
     weight: torch.Tensor,
@@ -58,6 +72,10 @@ def unsupported_reason(
             return "TRITON_INTERPRET=1 was set after triton was imported (it must be set before)"
     if x2.dim() != 2 or weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
         return "inputs are not 2-D"
+    try:
+        _check_shapes(x2, weight, bias, lora_A, lora_B)
+    except ValueError:
+        return "shapes do not fit"
     if x2.dtype not in _FLOAT_DTYPES:
         return f"dtype {_dtype_name(x2.dtype)}"
     if weight.dtype != x2.dtype:
@@ -92,8 +110,10 @@ def lora_linear_fwd(
     seed: torch.Tensor,  # [] int64 on x's device, < 2**31; ignored when dropout_p == 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``y [M, N]`` in x's dtype and ``S = dropout(x) A^T [M, r]`` in fp32 (for the backward)."""
-    M, K = x2.shape
-    N = weight.shape[0]
+    _check_shapes(x2, weight, bias, lora_A, lora_B)
+    if dropout_p > 0.0 and seed is None:
+        raise ValueError("lora_linear_fwd: dropout_p > 0 needs a seed tensor")
+    M, N = x2.shape[0], weight.shape[0]
     s, partials = lora_shrink(x2, lora_A, dropout_p, seed)  # x: [M, K], A: [r, K] -> S: [M, r]
     y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     if N == 0 and partials is not s:  # no GEMM program to reduce the split-K partials into S
@@ -124,8 +144,13 @@ def lora_linear_bwd(
     dx = dY W + scaling * mask / (1 - p) * (G A),  dW = dY^T x,  db = sum_M dY.
     dtypes: dx and db x's, dW the weight's, dA lora_A's, dB lora_B's.
     """
+    _check_shapes(x2, weight, None, lora_A, lora_B)
     M, K = x2.shape
     r = lora_A.shape[0]
+    if tuple(dy2.shape) != (M, weight.shape[0]) or tuple(s.shape) != (M, r):
+        raise ValueError(f"lora_linear_bwd: dY {tuple(dy2.shape)} or S {tuple(s.shape)} does not fit x {(M, K)}")
+    if dropout_p > 0.0 and seed is None:
+        raise ValueError("lora_linear_bwd: dropout_p > 0 needs the forward's seed tensor")
     if dy2.dtype != x2.dtype:
         dy2 = dy2.to(x2.dtype)
     g, dbB, db = lora_bwd_shrink(

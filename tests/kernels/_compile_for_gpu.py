@@ -7,7 +7,8 @@ Run as a script (``test_gpu_compile.py`` does, in a subprocess without ``TRITON_
 The launchers run on CPU tensors of real LLM shapes with ``JITFunction.run`` replaced by a recorder;
 each recorded launch is then specialized the way triton's own launcher does it (argument types,
 16-byte alignment and divisibility, ints equal to 1) and compiled through ttir, ttgir, llir, ptx and
-cubin (ptxas ships with triton). The split-K decode path is reached by pretending to a 132-SM device.
+cubin (ptxas ships with triton). The split-K decode path is reached by pretending to a 132-SM device,
+and one GEMM launch is also compiled under every ``FASTLORA_AUTOTUNE`` config.
 A launch also fails when its shared memory exceeds the target's per-block limit (triton only finds
 out when it loads the kernel on a device). Prints one JSON line: ``{"compiled": n, "failures": [...]}``.
 """
@@ -85,8 +86,20 @@ def _compile(fn: JITFunction, args: tuple, kwargs: dict, arch: int, seen: set) -
     return True
 
 
+def _autotune_launches() -> list[tuple[JITFunction, tuple, dict]]:
+    """The first training-size GEMM launch again under every FASTLORA_AUTOTUNE config."""
+    fn, args, kwargs = next(launch for launch in launches
+                            if launch[0].__name__ == "_lora_gemm_kernel" and launch[2]["BLOCK_M"] == 128)
+    out = []
+    for config in _config.GEMM_AUTOTUNE_CONFIGS:
+        tuned = dict(kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+        out.append((fn, args, tuned))
+    return out
+
+
 def main(archs: list[int]) -> None:
     _record_launches()
+    launches.extend(_autotune_launches())
     compiled, failures, seen = 0, [], set()
     for arch in archs:
         for fn, args, kwargs in launches:

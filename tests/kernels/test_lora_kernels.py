@@ -168,6 +168,15 @@ def test_non_contiguous_input(lora_inputs, lora_formula, assert_close_rule, dtyp
 
 
 @runnable
+def test_broadcast_output_gradient(lora_inputs, lora_formula, assert_close_rule, dtype_atol, kernel_device):
+    """``y.sum().backward()`` hands the op an expanded dY (strides 0, 0): read through its strides."""
+    inp = lora_inputs(33, 64, 40, 4)
+    inp.dy = torch.ones((), device=kernel_device).expand(33, 40)
+    _check_backward(inp, torch.float32, 0.25, _seed(8, kernel_device), lora_formula, assert_close_rule,
+                    dtype_atol[torch.float32], kernel_device)
+
+
+@runnable
 @pytest.mark.parametrize("skip", ["needs_dx", "needs_dw", "needs_db", "needs_da", "needs_dbB"])
 def test_gradients_not_needed_are_none(skip, lora_inputs, lora_formula, assert_close_rule, dtype_atol,
                                        kernel_device):
@@ -301,8 +310,22 @@ def test_unsupported_reasons(lora_inputs, kernel_device):
     assert _reason(inp, x2=inp.x.double(), weight=inp.w.double()) == "dtype float64"
     assert "weight dtype float16" in _reason(inp, weight=inp.w.half())
     assert "dropout_p" in _reason(inp, dropout_p=1.0)
+    assert _reason(inp, lora_B=inp.bb[:, :3]) == "shapes do not fit"
     if INTERPRETED:
         assert "bfloat16" in _reason(inp, x2=inp.x.bfloat16(), weight=inp.w.bfloat16())
+
+
+@runnable
+def test_launchers_reject_shapes_that_do_not_fit(lora_inputs, kernel_device):
+    """A mismatch would make the kernels read out of bounds: the launchers raise before launching."""
+    inp = lora_inputs(4, 32, 16, 4)
+    seed = _seed(1, kernel_device)
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        kernels.lora_linear_fwd(inp.x, inp.w, inp.b, inp.a[:, :31], inp.bb, SCALING, 0.0, seed)
+    y, s = kernels.lora_linear_fwd(inp.x, inp.w, inp.b, inp.a, inp.bb, SCALING, 0.0, seed)
+    with pytest.raises(ValueError, match="does not fit"):
+        kernels.lora_linear_bwd(inp.dy[:3], inp.x, inp.w, inp.a, inp.bb, s, seed, SCALING, 0.0,
+                                True, False, False, True, True)
 
 
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
