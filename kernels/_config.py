@@ -117,7 +117,9 @@ def shrink_config(M: int, K: int, R: int, device: torch.device, interpreter: boo
     if device.type == "cuda":
         sms = _sm_count(device)
         if n_m < sms:
-            split = min(16, n_k, triton.cdiv(2 * sms, n_m))
+            # Every GEMM program re-reads all SPLIT_K partial [BLOCK_M, R] tiles (from L2): fewer
+            # splits for wide ranks.
+            split = min(16 if R <= 64 else 8, n_k, triton.cdiv(2 * sms, n_m))
     return dict(BLOCK_M=block_m, BLOCK_K=block_k, SPLIT_K=max(split, 1),
                 num_warps=8 if R >= 128 else 4, num_stages=3)
 
