@@ -33,11 +33,18 @@ rather than ``from conftest import ...``, which depends on pytest's import mode.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import pytest
 import torch
-import transformers
+
+# Without a GPU the Triton kernels run under the interpreter, which triton reads when it is imported:
+# set it before anything (peft, transformers) imports triton. torch itself does not.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import transformers  # noqa: E402
 
 VOCAB = 128
 HIDDEN = 32

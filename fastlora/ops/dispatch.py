@@ -17,7 +17,7 @@ import torch
 
 BACKENDS = ("auto", "reference", "triton")
 
-__all__ = ["BACKENDS", "get_backend", "resolve_backend", "load_kernels"]
+__all__ = ["BACKENDS", "get_backend", "resolve_backend", "load_kernels", "warn_once"]
 
 
 def get_backend() -> str:
@@ -26,6 +26,10 @@ def get_backend() -> str:
     if name not in BACKENDS:
         raise ValueError(f"FASTLORA_BACKEND={name!r} is not one of {', '.join(BACKENDS)}")
     return name
+
+
+# What ``fastlora.kernels`` must export to serve an op.
+_ENTRY_POINTS = {"lora_linear": ("lora_linear_fwd", "lora_linear_bwd", "unsupported_reason")}
 
 
 @lru_cache(maxsize=None)
@@ -39,13 +43,15 @@ def load_kernels(op: str):
         module = importlib.import_module("fastlora.kernels")
     except ImportError as err:
         return f"fastlora.kernels could not be imported ({err})"
-    if not hasattr(module, op):
-        return f"fastlora.kernels has no {op!r} kernel in this version"
+    missing = [name for name in _ENTRY_POINTS.get(op, (op,)) if not hasattr(module, name)]
+    if missing:
+        return f"fastlora.kernels lacks {', '.join(missing)} in this version"
     return module
 
 
 @lru_cache(maxsize=None)
-def _warn_once(reason: str) -> None:
+def warn_once(reason: str) -> None:
+    """Warn, once per distinct reason, that a call runs on the reference instead of the kernels."""
     warnings.warn(f"fastlora: using the reference implementation because {reason}", RuntimeWarning, stacklevel=4)
 
 
@@ -57,10 +63,10 @@ def resolve_backend(op: str, device: torch.device):
     if name == "auto" and device.type != "cuda":
         return None
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        _warn_once(f"FASTLORA_BACKEND=triton on {device.type} tensors needs TRITON_INTERPRET=1")
+        warn_once(f"FASTLORA_BACKEND=triton on {device.type} tensors needs TRITON_INTERPRET=1")
         return None
     module = load_kernels(op)
     if isinstance(module, str):
-        _warn_once(module)
+        warn_once(module)
         return None
     return module

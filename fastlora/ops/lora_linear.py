@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from fastlora import reference
-from fastlora.ops.dispatch import resolve_backend
+from fastlora.ops.dispatch import resolve_backend, warn_once
 
 __all__ = ["lora_linear"]
 
@@ -27,6 +27,21 @@ __all__ = ["lora_linear"]
 _SEED_HIGH = 2**31 - 1
 # Up to this many rows, eager calls without dropout on the reference take ``_composite``.
 _COMPOSITE_MAX_ROWS = 4
+
+
+def _kernels_for(x, weight, bias, lora_A, lora_B, dropout_p):
+    """The kernels module when it serves this call, else None (the reference), saying once why not.
+
+    Forward and backward both ask with the forward's inputs, so they always agree: the two backends
+    draw different dropout masks.
+    """
+    kernels = resolve_backend("lora_linear", x.device)
+    if kernels is not None:
+        reason = kernels.unsupported_reason(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, dropout_p)
+        if reason is not None:
+            warn_once(f"the Triton kernels do not cover this call: {reason}")
+            return None
+    return kernels
 
 
 def _forward(
@@ -44,7 +59,7 @@ def _forward(
         seed = torch.randint(0, _SEED_HIGH, (), device=x.device, dtype=torch.int64)
     else:
         seed = torch.zeros((), device=x.device, dtype=torch.int64)
-    kernels = resolve_backend("lora_linear_fwd", x.device)
+    kernels = _kernels_for(x, weight, bias, lora_A, lora_B, dropout_p)
     if kernels is None:
         y, s = reference.lora_linear_fwd_ref(
             x2, weight, bias, lora_A, lora_B, scaling, dropout_p, int(seed) if dropout_p > 0.0 else 0
@@ -54,11 +69,14 @@ def _forward(
     return y.reshape(*x.shape[:-1], weight.shape[0]), s, seed
 
 
-def _gradients(dy, x, weight, lora_A, lora_B, s, seed, scaling, dropout_p, needs) -> tuple[torch.Tensor | None, ...]:
-    """``(dx, dW, db, dA, dB)``, None where ``needs`` says a gradient is not wanted."""
+def _gradients(
+    dy, x, weight, lora_A, lora_B, s, seed, scaling, dropout_p, needs, use_kernels
+) -> tuple[torch.Tensor | None, ...]:
+    """``(dx, dW, db, dA, dB)``, None where ``needs`` says a gradient is not wanted; ``use_kernels`` is the
+    forward's choice of backend."""
     x2 = x.reshape(-1, x.shape[-1])
     dy2 = dy.reshape(-1, dy.shape[-1])
-    kernels = resolve_backend("lora_linear_bwd", x.device)
+    kernels = resolve_backend("lora_linear", x.device) if use_kernels else None
     if kernels is None:
         grads = reference.lora_linear_bwd_ref(
             dy2, x2, weight, lora_A, lora_B, s, scaling, dropout_p, int(seed) if dropout_p > 0.0 else 0, *needs
@@ -92,14 +110,15 @@ def _lora_linear_backward_op(
     scaling: float,
     dropout_p: float,
     needs: list[bool],
+    use_kernels: bool,
 ) -> list[torch.Tensor]:
     """Gradients ``[dx, dW, db, dA, dB]``; an empty tensor stands for a gradient not asked for."""
-    grads = _gradients(dy, x, weight, lora_A, lora_B, s, seed, scaling, dropout_p, needs)
+    grads = _gradients(dy, x, weight, lora_A, lora_B, s, seed, scaling, dropout_p, needs, use_kernels)
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 
 @_lora_linear_backward_op.register_fake
-def _(dy, x, weight, lora_A, lora_B, s, seed, scaling, dropout_p, needs):
+def _(dy, x, weight, lora_A, lora_B, s, seed, scaling, dropout_p, needs, use_kernels):
     shapes = (x.shape, weight.shape, weight.shape[:1], lora_A.shape, lora_B.shape)
     dtypes = (x.dtype, weight.dtype, x.dtype, lora_A.dtype, lora_B.dtype)
     return [x.new_empty(shape, dtype=dt) if need else x.new_empty(0) for need, shape, dt in zip(needs, shapes, dtypes)]
@@ -112,6 +131,7 @@ def _save(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, s, seed) -> 
     ctx.dropout_p = dropout_p
     ctx.has_bias = bias is not None
     ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.use_kernels = _kernels_for(x, weight, bias, lora_A, lora_B, dropout_p) is not None
 
 
 def _backward(ctx, dy, gradients) -> tuple[torch.Tensor | None, ...]:
@@ -127,7 +147,7 @@ def _backward(ctx, dy, gradients) -> tuple[torch.Tensor | None, ...]:
     needs = [nx, nw, nb and ctx.has_bias, na, nbB]
     if not any(needs):
         return None, None, None, None, None, None, None
-    grads = gradients(dy, x, weight, lora_A, lora_B, s, seed, ctx.scaling, ctx.dropout_p, needs)
+    grads = gradients(dy, x, weight, lora_A, lora_B, s, seed, ctx.scaling, ctx.dropout_p, needs, ctx.use_kernels)
     dx, dw, db, da, dbB = (g if need else None for g, need in zip(grads, needs))
     if db is not None:
         db = db.to(ctx.bias_dtype)
@@ -208,7 +228,7 @@ def lora_linear(
         return _lora_linear_op(*args)[0]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):
         if (args[6] == 0.0 and x.numel() <= _COMPOSITE_MAX_ROWS * x.shape[-1]
-                and resolve_backend("lora_linear_fwd", x.device) is None):
+                and resolve_backend("lora_linear", x.device) is None):
             return _composite(*args[:6])
         return _LoraLinearFunction.apply(*args)
     return _forward(*args)[0]

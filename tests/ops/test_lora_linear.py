@@ -16,6 +16,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastlora
 from fastlora.ops import dispatch, lora_linear
@@ -131,7 +132,7 @@ def test_opcheck_backward(needs, p):
     x, w, b, a, bb = (t.detach() for t in _make(k=16, n=12, r=4))
     y, s, seed = torch.ops.fastlora.lora_linear(x, w, b, a, bb, 0.5, p)
     dy = torch.randn_like(y)
-    torch.library.opcheck(torch.ops.fastlora.lora_linear_backward.default, (dy, x, w, a, bb, s, seed, 0.5, p, needs))
+    torch.library.opcheck(torch.ops.fastlora.lora_linear_backward.default, (dy, x, w, a, bb, s, seed, 0.5, p, needs, False))
 
 
 # ---- numerics against the oracle --------------------------------------------------------------------------
@@ -403,9 +404,9 @@ def test_autocast_cpu_bf16():
 
 @pytest.fixture
 def fresh_warnings():
-    dispatch._warn_once.cache_clear()  # the fallback warns once per process and reason
+    dispatch.warn_once.cache_clear()  # the fallback warns once per process and reason
     yield
-    dispatch._warn_once.cache_clear()
+    dispatch.warn_once.cache_clear()
 
 
 @pytest.mark.parametrize("backend", ["reference", "auto", "AUTO", ""])
@@ -416,7 +417,7 @@ def test_reference_and_auto_backends_on_cpu(monkeypatch, fresh_warnings, backend
         warnings.simplefilter("error")
         y = lora_linear(x, w, b, a, bb, 0.5)
     torch.testing.assert_close(y, lora_linear_ref(x, w, b, a, bb, 0.5))
-    assert dispatch.resolve_backend("lora_linear_fwd", x.device) is None
+    assert dispatch.resolve_backend("lora_linear", x.device) is None
 
 
 def test_bad_backend_raises(monkeypatch):
@@ -437,21 +438,55 @@ def test_triton_backend_on_cpu_without_interpreter_falls_back_with_a_warning(mon
     assert a.grad is not None
 
 
-def test_triton_backend_with_interpreter_uses_kernels_or_says_why_not(monkeypatch, fresh_warnings):
+def test_triton_backend_with_interpreter_uses_the_kernels(monkeypatch, fresh_warnings):
     pytest.importorskip("triton")
     monkeypatch.setenv("FASTLORA_BACKEND", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    kernels = dispatch.load_kernels("lora_linear_fwd")
+    kernels = dispatch.load_kernels("lora_linear")
+    assert not isinstance(kernels, str), kernels
     x, w, b, a, bb = _make()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         y = lora_linear(x, w, b, a, bb, 0.5)
     messages = [str(c.message) for c in caught if issubclass(c.category, RuntimeWarning)]
-    if isinstance(kernels, str):  # no kernels in this version: the reference ran, and the reason was given
-        assert any(kernels in m for m in messages), messages
-    else:
-        assert not any("reference implementation" in m for m in messages), messages
+    assert not any("reference implementation" in m for m in messages), messages
     torch.testing.assert_close(y, lora_linear_ref(x, w, b, a, bb, 0.5), rtol=1e-4, atol=1e-4)
+
+
+def test_triton_backend_dropout_backward_uses_the_forwards_kernel_mask(monkeypatch, fresh_warnings):
+    """Forward and backward run on the same backend, so the backward regenerates the kernels' own mask."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("FASTLORA_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    kernels = dispatch.load_kernels("lora_linear")
+    x, w, b, a, bb = _make(lead=(9,), k=20, n=12, r=4)
+    p, scaling = 0.4, 0.7
+    seed_state = torch.get_rng_state()
+    y = lora_linear(x, w, b, a, bb, scaling, p, training=True)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    # The op draws its seed first thing from torch's generator: draw the same one for the oracle.
+    torch.set_rng_state(seed_state)
+    seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+    keep = kernels.dropout_keep_mask(seed, 9, 20, p, x.device).to(x.dtype)
+    assert 0 < keep.sum() < keep.numel()
+    x2, a2, b2 = (t.detach().clone().requires_grad_() for t in (x, a, bb))
+    want = F.linear(x2, w, b) + scaling * ((x2 * keep / (1 - p)) @ a2.t()) @ b2.t()
+    want.backward(dy)
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+    for got, ref in ((x, x2), (a, a2), (bb, b2)):
+        torch.testing.assert_close(got.grad, ref.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_triton_backend_falls_back_on_what_the_kernels_do_not_cover(monkeypatch, fresh_warnings):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("FASTLORA_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x, w, b, a, bb = (t.detach().double().requires_grad_(t.requires_grad) for t in _make())
+    with pytest.warns(RuntimeWarning, match="do not cover this call: .*float64"):
+        y = lora_linear(x, w, b, a, bb, 0.5, 0.2, training=True)
+    y.sum().backward()  # the backward follows the forward onto the reference
+    assert a.grad is not None and x.grad is not None
 
 
 # ---- errors ---------------------------------------------------------------------------------------------------------
