@@ -9,17 +9,12 @@ from __future__ import annotations
 
 import pytest
 
-from bench.common import measure_memory, pick_device
-from bench.conftest import timed
+from bench.conftest import parametrize_specs, run_benchmark
 from bench.lora_linear import Inputs, build, specs
 
 
 def pytest_generate_tests(metafunc):
-    if "spec" in metafunc.fixturenames:
-        device = pick_device(metafunc.config.getoption("bench_device"))
-        preset = metafunc.config.getoption("bench_preset")
-        all_specs = specs(device, preset)
-        metafunc.parametrize("spec", all_specs, ids=[spec.id for spec in all_specs])
+    parametrize_specs(metafunc, specs)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +26,4 @@ def test_lora_linear(benchmark, spec, inputs, bench_device):
     call = build(spec, inputs)
     benchmark.group = f"lora_linear {spec.mode} M={spec.M} K={spec.K} N={spec.N}"
     benchmark.extra_info.update(provider=spec.provider, r=spec.r, dropout=spec.dropout)
-    for _ in range(2):  # warm-up (first-call allocations, lazy initialisation) outside the timing
-        call.fn()
-    benchmark(timed(call.fn, bench_device))
-    benchmark.extra_info.update(measure_memory(call, bench_device))
+    run_benchmark(benchmark, call, bench_device)

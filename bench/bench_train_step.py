@@ -8,16 +8,12 @@ from __future__ import annotations
 
 import pytest
 
-from bench.common import measure_memory, pick_device
-from bench.conftest import timed
+from bench.conftest import parametrize_specs, run_benchmark
 from bench.train_step import Models, build, specs
 
 
 def pytest_generate_tests(metafunc):
-    if "spec" in metafunc.fixturenames:
-        device = pick_device(metafunc.config.getoption("bench_device"))
-        all_specs = specs(device, metafunc.config.getoption("bench_preset"))
-        metafunc.parametrize("spec", all_specs, ids=[spec.id for spec in all_specs])
+    parametrize_specs(metafunc, specs)
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +25,6 @@ def test_train_step(benchmark, spec, models, bench_device):
     call = build(spec, models)
     benchmark.group = f"train_step tokens={spec.M} hidden={spec.hidden}"
     benchmark.extra_info.update(provider=spec.provider, dropout=spec.dropout, tokens=spec.M)
-    for _ in range(2):  # warm-up (first-call allocations, lazy initialisation) outside the timing
-        call.fn()
-    benchmark(timed(call.fn, bench_device))
-    benchmark.extra_info.update(measure_memory(call, bench_device))
-    benchmark.extra_info["tokens_per_s"] = spec.M / benchmark.stats.stats.median
+    run_benchmark(benchmark, call, bench_device)
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        benchmark.extra_info["tokens_per_s"] = spec.M / benchmark.stats.stats.median

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.common import default_dtype, parse_dtype, pick_device
+from bench.common import default_dtype, measure_memory, parse_dtype, pick_device
 
 
 def pytest_addoption(parser):
@@ -32,6 +32,22 @@ def bench_device(pytestconfig) -> torch.device:
 def bench_dtype(pytestconfig, bench_device) -> torch.dtype:
     name = pytestconfig.getoption("bench_dtype")
     return parse_dtype(name) if name else default_dtype(bench_device)
+
+
+def parametrize_specs(metafunc, specs_for) -> None:
+    """Parametrize a bench file's ``spec`` argument with ``specs_for(device, preset)``, one id per spec."""
+    if "spec" in metafunc.fixturenames:
+        device = pick_device(metafunc.config.getoption("bench_device"))
+        all_specs = specs_for(device, metafunc.config.getoption("bench_preset"))
+        metafunc.parametrize("spec", all_specs, ids=[spec.id for spec in all_specs])
+
+
+def run_benchmark(benchmark, call, device: torch.device) -> None:
+    """Warm ``call`` up outside the timing, time it, and put its memory numbers into ``extra_info``."""
+    for _ in range(2):  # first-call allocations, lazy initialisation
+        call.fn()
+    benchmark(timed(call.fn, device))
+    benchmark.extra_info.update(measure_memory(call, device))
 
 
 def timed(fn, device: torch.device):
