@@ -89,9 +89,14 @@ def dropout_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -
     return keep.view(shape)
 
 
+def _keep_like(x2: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """The keep-mask of ``x2`` in its dtype (1 = kept): an x-sized temporary."""
+    return fill_keep(torch.empty_like(x2, memory_format=torch.contiguous_format), p, seed)
+
+
 def _dropped(x2: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """``mask * x`` without the ``1 / (1 - p)`` (callers fold it into a small operand): a temporary."""
-    return fill_keep(torch.empty_like(x2, memory_format=torch.contiguous_format), p, seed).mul_(x2)
+    return _keep_like(x2, p, seed).mul_(x2)
 
 
 def lora_linear_fwd_ref(
@@ -146,7 +151,6 @@ def lora_linear_bwd_ref(
     The scale factors go onto the small [M, r] operands, never onto an [M, K] or [N, r] result.
     """
     dtype = x2.dtype
-    m, k = x2.shape
     dy = dy.to(dtype)
     a = lora_A.to(dtype)
     b = lora_B.to(dtype)
@@ -162,7 +166,7 @@ def lora_linear_bwd_ref(
             dx.addmm_(gs, a)
     elif needs_dx:
         # The mask is regenerated into dx's own storage, which holds mask, then mask * x, then dx.
-        buf = fill_keep(torch.empty_like(x2, memory_format=torch.contiguous_format), dropout_p, seed)
+        buf = _keep_like(x2, dropout_p, seed)
         update = (gs @ a).mul_(buf)  # [M, r] @ [r, K] -> [M, K], masked
         if needs_da:
             da = gs.t() @ buf.mul_(x2)
