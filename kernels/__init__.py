@@ -7,6 +7,8 @@ Imports torch and triton only, never ``fastlora``. ``fastlora.ops`` calls:
   needs_db, needs_da, needs_dbB) -> (dx, dW, db, dA, dB)``
 - ``unsupported_reason(x2, weight, bias, lora_A, lora_B, dropout_p) -> str | None``
 - ``dropout_keep_mask(seed, M, K, p, device)``: the mask the kernels draw (tests and oracles)
+- ``nf4_linear_fwd / nf4_linear_bwd / nf4_unsupported_reason``: the same for a frozen NF4 weight
+  (QLoRA), and ``nf4_quantize / nf4_dequantize / nf4_matmul`` underneath (bitsandbytes' bytes)
 
 The kernels run compiled on CUDA, or on CPU tensors under the Triton interpreter when
 ``TRITON_INTERPRET=1`` was set before triton was imported. ``FASTLORA_AUTOTUNE=1`` (read at import)
@@ -15,5 +17,19 @@ autotunes the fused GEMM instead of using the heuristic tiles.
 
 from .dropout import dropout_keep_mask
 from .lora_linear import lora_linear_bwd, lora_linear_fwd, unsupported_reason
+from .nf4 import nf4_dequantize, nf4_matmul, nf4_quantize
+from .nf4_linear import nf4_linear_bwd, nf4_linear_fwd, nf4_unsupported_reason, nf4_workspace_clear
 
-__all__ = ["lora_linear_fwd", "lora_linear_bwd", "unsupported_reason", "dropout_keep_mask"]
+__all__ = [
+    "lora_linear_fwd",
+    "lora_linear_bwd",
+    "unsupported_reason",
+    "dropout_keep_mask",
+    "nf4_quantize",
+    "nf4_dequantize",
+    "nf4_matmul",
+    "nf4_linear_fwd",
+    "nf4_linear_bwd",
+    "nf4_unsupported_reason",
+    "nf4_workspace_clear",
+]

@@ -2,5 +2,6 @@
 
 from fastlora.ops.dispatch import get_backend
 from fastlora.ops.lora_linear import lora_linear
+from fastlora.ops.nf4_linear import nf4_linear
 
-__all__ = ["get_backend", "lora_linear"]
+__all__ = ["get_backend", "lora_linear", "nf4_linear"]

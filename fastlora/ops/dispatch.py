@@ -29,7 +29,10 @@ def get_backend() -> str:
 
 
 # What ``fastlora.kernels`` must export to serve an op.
-_ENTRY_POINTS = {"lora_linear": ("lora_linear_fwd", "lora_linear_bwd", "unsupported_reason")}
+_ENTRY_POINTS = {
+    "lora_linear": ("lora_linear_fwd", "lora_linear_bwd", "unsupported_reason"),
+    "nf4_linear": ("nf4_linear_fwd", "nf4_linear_bwd", "nf4_unsupported_reason"),
+}
 
 
 @lru_cache(maxsize=None)
