@@ -15,9 +15,9 @@ from fastlora.auto import (
 )
 from fastlora.checkpoint import get_peft_model_state_dict, set_peft_model_state_dict
 from fastlora.config import LoraConfig, PeftConfig, PeftType, TaskType
-from fastlora.injector import LoraModel
-from fastlora.layers import LoraLinear, ModulesToSaveWrapper
-from fastlora.ops import lora_linear
+from fastlora.injector import LoraModel, prepare_model_for_kbit_training, quantize_model
+from fastlora.layers import LinearNF4, LoraLinear, ModulesToSaveWrapper
+from fastlora.ops import lora_linear, nf4_linear
 from fastlora.peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -58,6 +58,11 @@ __all__ = [
     "LoraLinear",
     "ModulesToSaveWrapper",
     "lora_linear",
+    # 4-bit (QLoRA)
+    "LinearNF4",
+    "quantize_model",
+    "prepare_model_for_kbit_training",
+    "nf4_linear",
     # checkpoints
     "get_peft_model_state_dict",
     "set_peft_model_state_dict",

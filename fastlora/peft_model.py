@@ -21,6 +21,7 @@ from fastlora.checkpoint import (
 )
 from fastlora.config import PeftConfig, PeftType, TaskType
 from fastlora.injector import LoraModel
+from fastlora.layers import LinearNF4
 
 __all__ = [
     "PeftModel",
@@ -104,11 +105,15 @@ class PeftModel(nn.Module):
         return self.base_model.model
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        # A 4-bit weight counts as the number of weights it packs (two per byte), as PEFT counts
+        # bitsandbytes' Params4bit.
+        packed = {id(m.weight) for m in self.modules() if isinstance(m, LinearNF4)}
         trainable, total = 0, 0
         for param in self.parameters():
-            total += param.numel()
+            count = param.numel() * 2 if id(param) in packed else param.numel()
+            total += count
             if param.requires_grad:
-                trainable += param.numel()
+                trainable += count
         return trainable, total
 
     def print_trainable_parameters(self) -> None:

@@ -2,6 +2,15 @@
 
 from fastlora.injector.inject import inject_lora, resolve_target_modules, unload_modules
 from fastlora.injector.lora_model import LoraModel
+from fastlora.injector.quantize import prepare_model_for_kbit_training, quantize_model
 from fastlora.injector.targets import LORA_TARGET_MODULES
 
-__all__ = ["LORA_TARGET_MODULES", "LoraModel", "inject_lora", "resolve_target_modules", "unload_modules"]
+__all__ = [
+    "LORA_TARGET_MODULES",
+    "LoraModel",
+    "inject_lora",
+    "prepare_model_for_kbit_training",
+    "quantize_model",
+    "resolve_target_modules",
+    "unload_modules",
+]

@@ -15,7 +15,7 @@ from torch import nn
 
 from fastlora.injector.match import is_excluded, matches_target, names_match, pattern_value
 from fastlora.injector.targets import LORA_TARGET_MODULES, SEQ_CLS_HEAD_NAMES
-from fastlora.layers import LoraLinear, ModulesToSaveWrapper
+from fastlora.layers import LinearNF4, LoraLinear, ModulesToSaveWrapper
 
 __all__ = [
     "ADAPTER_LAYERS",
@@ -42,7 +42,7 @@ def conv1d_class() -> type[nn.Module] | None:
 
 def _linear_classes() -> tuple[type[nn.Module], ...]:
     conv1d = conv1d_class()
-    return (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
+    return (nn.Linear, LinearNF4) if conv1d is None else (nn.Linear, LinearNF4, conv1d)
 
 
 def iter_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
@@ -187,11 +187,13 @@ def wrap_modules_to_save(model: nn.Module, names: list[str], adapter_name: str) 
     return wrapped
 
 
-def unload_modules(model: nn.Module, merge: bool, safe_merge: bool = False, adapter_names=None) -> nn.Module:
+def unload_modules(model: nn.Module, merge: bool, safe_merge: bool = False, adapter_names=None,
+                   requantize: bool = False) -> nn.Module:
     """Put every base layer back (merged first when ``merge``); a modules_to_save wrapper becomes its
     active trained copy. Returns ``model`` with no fastlora module left in it.
 
-    With ``safe_merge`` every merge is checked before any base weight changes.
+    With ``safe_merge`` every merge is checked before any base weight changes. A 4-bit base merges into
+    a 16-bit ``nn.Linear`` (dequantized, merged in fp32), or back into 4 bits with ``requantize``.
     """
     layers = [(key, module) for key, module in iter_modules(model) if isinstance(module, ADAPTER_LAYERS)]
     if merge and safe_merge:
@@ -200,6 +202,9 @@ def unload_modules(model: nn.Module, merge: bool, safe_merge: bool = False, adap
                 _check_finite_merge(key, module, adapter_names)
     for key, module in layers:
         if isinstance(module, LoraLinear):
+            if merge and isinstance(module.base_layer, LinearNF4) and not requantize:
+                replace_module(model, key, module.dequantized_base(adapter_names))
+                continue
             if merge:
                 module.merge(adapter_names=adapter_names)
             replace_module(model, key, module.base_layer)
@@ -210,6 +215,10 @@ def unload_modules(model: nn.Module, merge: bool, safe_merge: bool = False, adap
 
 def _check_finite_merge(key: str, layer: LoraLinear, adapter_names) -> None:
     names = layer.active_adapters if adapter_names is None else adapter_names
+    if isinstance(layer.base_layer, LinearNF4):
+        if not torch.isfinite(layer.merged_weight(names)).all():
+            raise ValueError(f"merging {names} into {key} would put NaN or Inf into its weights; nothing was merged")
+        return
     merged = layer.base_layer.weight
     for name in names:  # as LoraLinear.merge does it: in fp32, cast back to the weight's dtype per adapter
         if name in layer.lora_A and name not in layer.merged_adapters:

@@ -161,10 +161,16 @@ class LoraModel(nn.Module):
                 layer.unmerge()
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
-                         adapter_names: list[str] | None = None) -> nn.Module:
-        """Fold the adapters into the base weights and return the plain transformers model."""
+                         adapter_names: list[str] | None = None, requantize: bool = False) -> nn.Module:
+        """Fold the adapters into the base weights and return the plain transformers model.
+
+        4-bit (NF4) base layers become 16-bit ``nn.Linear`` layers in the dtype they were quantized from,
+        merged in fp32 without rounding; ``requantize=True`` keeps them 4-bit instead (with a warning:
+        re-quantizing rounds the merged weights).
+        """
         self._check_names(adapter_names)
-        return unload_modules(self.model, merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+        return unload_modules(self.model, merge=True, safe_merge=safe_merge, adapter_names=adapter_names,
+                              requantize=requantize)
 
     def unload(self) -> nn.Module:
         """Take every adapter out (unmerged) and return the plain transformers model."""

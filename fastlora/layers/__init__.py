@@ -2,5 +2,6 @@
 
 from fastlora.layers.lora import LoraLinear
 from fastlora.layers.modules_to_save import ModulesToSaveWrapper
+from fastlora.layers.nf4 import LinearNF4
 
-__all__ = ["LoraLinear", "ModulesToSaveWrapper"]
+__all__ = ["LinearNF4", "LoraLinear", "ModulesToSaveWrapper"]

@@ -8,18 +8,21 @@ the first active adapter runs through the fused op ``fastlora.ops.lora_linear``.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from fastlora.ops import lora_linear
+from fastlora.layers.nf4 import LinearNF4
+from fastlora.ops import lora_linear, nf4_linear
 
 __all__ = ["LoraLinear"]
 
 
 class LoraLinear(nn.Module):
-    """LoRA around ``base_layer`` (``nn.Linear``, or a ``[in, out]`` weight with ``fan_in_fan_out=True``)."""
+    """LoRA around ``base_layer`` (``nn.Linear``, a ``[in, out]`` weight with ``fan_in_fan_out=True``, or a
+    4-bit ``LinearNF4``: QLoRA, the LoRA update fused into the dequantize-matmul)."""
 
     adapter_layer_names = ("lora_A", "lora_B")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
@@ -39,8 +42,11 @@ class LoraLinear(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.fan_in_fan_out = fan_in_fan_out
-        weight = base_layer.weight
-        self.in_features, self.out_features = weight.shape[::-1] if not fan_in_fan_out else weight.shape
+        if isinstance(base_layer, LinearNF4):
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        else:
+            weight = base_layer.weight
+            self.in_features, self.out_features = weight.shape[::-1] if not fan_in_fan_out else weight.shape
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
@@ -157,16 +163,15 @@ class LoraLinear(nn.Module):
         if self._disable_adapters or self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
         first, *rest = active
-        y = lora_linear(
-            x,
-            self._base_weight(),
-            self.base_layer.bias,
-            self.lora_A[first].weight,
-            self.lora_B[first].weight,
-            self.scaling[first],
-            self._dropout_p(first),
-            self.training,
-        )
+        lora_args = (self.lora_A[first].weight, self.lora_B[first].weight, self.scaling[first],
+                     self._dropout_p(first), self.training)
+        base = self.base_layer
+        if isinstance(base, LinearNF4):
+            dtype = x.dtype
+            xc = x if base.compute_dtype is None else x.to(base.compute_dtype)
+            y = nf4_linear(xc, base.weight, base.quant_state, base.bias, *lora_args).to(dtype)
+        else:
+            y = lora_linear(x, self._base_weight(), base.bias, *lora_args)
         for name in rest:  # several adapters active at once: rare, plain PyTorch
             a, b = self.lora_A[name].weight, self.lora_B[name].weight
             xd = self.lora_dropout[name](x).to(a.dtype)
@@ -193,6 +198,10 @@ class LoraLinear(nn.Module):
         """
         names = self._active_adapters if adapter_names is None else list(adapter_names)
         names = [name for name in dict.fromkeys(names) if name in self.lora_A and name not in self.merged_adapters]
+        if isinstance(self.base_layer, LinearNF4):
+            if names:
+                self._requantize(names, +1.0, safe_merge)
+            return
         weight = self.base_layer.weight
         if safe_merge:  # every adapter is checked before the weight changes, so a failure merges none
             merged = weight.float()
@@ -209,10 +218,56 @@ class LoraLinear(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
+        if isinstance(self.base_layer, LinearNF4):
+            if self.merged_adapters:
+                self._requantize(list(reversed(self.merged_adapters)), -1.0, safe_merge=False)
+            return
         weight = self.base_layer.weight
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             weight.copy_((weight.float() - self.get_delta_weight(name)).to(weight.dtype))
+
+    def merged_weight(self, adapter_names: Iterable[str] | None = None) -> torch.Tensor:
+        """The base weight plus the adapters' updates, in fp32 (a 4-bit base is dequantized first)."""
+        names = self._active_adapters if adapter_names is None else list(adapter_names)
+        base = self.base_layer
+        weight = base.dequantize(torch.float32) if isinstance(base, LinearNF4) else base.weight.float()
+        for name in dict.fromkeys(names):
+            if name in self.lora_A and name not in self.merged_adapters:
+                weight = weight + self.get_delta_weight(name)
+        return weight
+
+    @torch.no_grad()
+    def dequantized_base(self, adapter_names: Iterable[str] | None = None) -> nn.Linear:
+        """A 16-bit ``nn.Linear`` holding a 4-bit base with ``adapter_names`` merged in fp32 (no
+        re-quantization), in the dtype the base was quantized from."""
+        base = self.base_layer
+        dtype = base.quant_state.dtype
+        linear = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None,
+                           device=base.weight.device, dtype=dtype)
+        linear.weight.copy_(self.merged_weight(adapter_names).to(dtype))
+        if base.bias is not None:
+            linear.bias.copy_(base.bias)
+        linear.train(base.training)
+        return linear
+
+    def _requantize(self, names: list[str], sign: float, safe_merge: bool) -> None:
+        """Add (sign=+1) or remove (-1) adapters in a 4-bit base: dequantize, update in fp32, quantize."""
+        warnings.warn(
+            "merging into a 4-bit NF4 base weight re-quantizes it, which rounds the merged weights (and "
+            "unmerging rounds again); merge_and_unload() returns a 16-bit model without this rounding",
+            UserWarning, stacklevel=3,
+        )
+        weight = self.base_layer.dequantize(torch.float32)
+        for name in names:
+            weight = weight + sign * self.get_delta_weight(name)
+        if safe_merge and not torch.isfinite(weight).all():
+            raise ValueError(f"merging adapters {names} would put NaN or Inf into the base weights; nothing was merged")
+        self.base_layer.requantize(weight)
+        if sign > 0:
+            self.merged_adapters.extend(names)
+        else:
+            self.merged_adapters = [name for name in self.merged_adapters if name not in names]
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{name}: r={r}" for name, r in self.r.items())
