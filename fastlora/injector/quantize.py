@@ -104,6 +104,9 @@ def prepare_model_for_kbit_training(
                 model.enable_input_require_grads()
             else:
                 model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
-        if hasattr(model, "gradient_checkpointing_enable"):
+        # transformers 5 renamed gradient checkpointing to activation checkpointing (the old name warns).
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None)
+        elif hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
     return model
