@@ -30,6 +30,9 @@ from triton.compiler.compiler import make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 from fastlora.kernels import _config, dropout_keep_mask, lora_linear_bwd, lora_linear_fwd  # noqa: E402
+from fastlora.kernels import nf4 as nf4_kernels  # noqa: E402
+from fastlora.kernels import nf4_dequantize, nf4_linear_bwd, nf4_linear_fwd, nf4_quantize  # noqa: E402
+from fastlora.quant import quantize_nf4  # noqa: E402
 
 # (M, K, N, r, dtype, dropout_p, bias, transposed weight)
 CASES = [
@@ -66,6 +69,33 @@ def _record_launches() -> None:
         y, s = lora_linear_fwd(x, w, b, a, bb, 2.0, p, seed)
         lora_linear_bwd(torch.empty(M, N, dtype=dtype), x, w, a, bb, s, seed, 2.0, p, True, True, bias, True, True)
     dropout_keep_mask(torch.zeros((), dtype=torch.int64), 64, 64, 0.5, "cpu")
+    _record_nf4_launches()
+
+
+# (M, K, N, r, dtype, dropout_p, double_quant): decode (fused, split-K) with and without LoRA, a
+# training step (dequantize, then the LoRA kernels), an odd inner dimension.
+NF4_CASES = [
+    (1, 4096, 4096, 16, torch.bfloat16, 0.0, True),
+    (16, 4096, 14336, None, torch.float16, 0.0, False),
+    (2048, 4096, 4096, 16, torch.bfloat16, 0.05, True),
+    (4, 1000, 24, 8, torch.float32, 0.0, False),
+]
+
+
+def _record_nf4_launches() -> None:
+    real_matmul_config = nf4_kernels._matmul_config
+    nf4_kernels._matmul_config = lambda M, N, K, device, interpreter: real_matmul_config(
+        M, N, K, torch.device("cuda", 0), interpreter)
+    for M, K, N, r, dtype, p, double_quant in NF4_CASES:
+        packed, state = quantize_nf4(torch.zeros(N, K), blocksize=64, double_quant=double_quant)
+        x = torch.empty(M, K, dtype=dtype)
+        a, bb = (torch.empty(r, K), torch.empty(N, r)) if r else (None, None)
+        seed = torch.zeros((), dtype=torch.int64)
+        y, s = nf4_linear_fwd(x, packed, state, None, a, bb, 2.0, p, seed)
+        nf4_linear_bwd(torch.empty(M, N, dtype=dtype), x, packed, state, a, bb, s, seed, 2.0, p, True, False,
+                       r is not None, r is not None)
+        nf4_dequantize(packed, state, dtype)
+        nf4_quantize(torch.empty(N, K, dtype=dtype), torch.empty(15), 64)
 
 
 def _compile(fn: JITFunction, args: tuple, kwargs: dict, arch: int, seen: set) -> bool:
