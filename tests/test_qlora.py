@@ -89,6 +89,17 @@ def test_bitsandbytes_model_state_dict_loads(llama):
     torch.testing.assert_close(_logits(ours, ids), _logits(theirs, ids), rtol=1e-4, atol=1e-4)
 
 
+def test_quantized_model_saves_with_safetensors(tiny_llama, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ours = quantize_model(tiny_llama(seed=0), double_quant=True, quant_storage=torch.bfloat16)
+    save_file(ours.state_dict(), tmp_path / "model.safetensors")  # refuses tensors that share storage
+    other = quantize_model(tiny_llama(seed=1))
+    other.load_state_dict(load_file(tmp_path / "model.safetensors"))
+    ids = _ids(8)
+    torch.testing.assert_close(_logits(other, ids), _logits(ours, ids), rtol=0, atol=0)
+
+
 def test_bad_checkpoint_names_the_layer_and_changes_nothing(tiny_llama):
     sd = quantize_model(tiny_llama(seed=0)).state_dict()
     sd["model.layers.1.mlp.down_proj.weight.absmax"] = sd["model.layers.1.mlp.down_proj.weight.absmax"][:-2]

@@ -42,10 +42,11 @@ def state_to_dict(state: NF4State) -> dict[str, torch.Tensor]:
         "dtype": _dtype_name(state.dtype),
         "shape": list(state.shape),
     }
-    out = {"absmax": state.absmax, "quant_map": state.code}
+    # Every tensor is the layer's own: safetensors refuses tensors that share storage across layers.
+    out = {"absmax": state.absmax, "quant_map": state.code.clone()}
     if state.nested:
         out["nested_absmax"] = state.nested_absmax
-        out["nested_quant_map"] = state.nested_code.clone()  # not shared with another layer's: safetensors refuses shared tensors
+        out["nested_quant_map"] = state.nested_code.clone()
         meta.update(
             nested_blocksize=state.nested_blocksize, nested_dtype="float32", nested_offset=state.offset
         )
