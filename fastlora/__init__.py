@@ -17,6 +17,17 @@ from fastlora.checkpoint import get_peft_model_state_dict, set_peft_model_state_
 from fastlora.config import LoraConfig, PeftConfig, PeftType, TaskType
 from fastlora.injector import LoraModel, prepare_model_for_kbit_training, quantize_model
 from fastlora.layers import LinearNF4, LoraLinear, ModulesToSaveWrapper
+from fastlora.methods import (
+    AdaptionPromptConfig,
+    MultitaskPromptTuningConfig,
+    MultitaskPromptTuningInit,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptEncoderReparameterizationType,
+    PromptLearningConfig,
+    PromptTuningConfig,
+    PromptTuningInit,
+)
 from fastlora.ops import lora_linear, nf4_linear
 from fastlora.peft_model import (
     PeftModel,
@@ -54,6 +65,16 @@ __all__ = [
     "AutoPeftModelForQuestionAnswering",
     "AutoPeftModelForFeatureExtraction",
     "LoraModel",
+    # prompt learning and adaption prompt
+    "PromptLearningConfig",
+    "PromptTuningConfig",
+    "PromptTuningInit",
+    "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType",
+    "PrefixTuningConfig",
+    "MultitaskPromptTuningConfig",
+    "MultitaskPromptTuningInit",
+    "AdaptionPromptConfig",
     # layers and ops
     "LoraLinear",
     "ModulesToSaveWrapper",

@@ -37,6 +37,13 @@ def adapter_folder(root: str | os.PathLike, adapter_name: str) -> str:
     return os.fspath(root) if adapter_name == "default" else os.path.join(root, adapter_name)
 
 
+def _method_hooks(model: nn.Module):
+    """The tuner of a method whose tensors are not ``<prefix>.<adapter>`` keys (prompt learning, adaption
+    prompt): it names and checks them itself, through ``adapter_state_dict`` and ``adapter_state_loader``."""
+    tuner = getattr(model, "_tuner", None)
+    return tuner if hasattr(type(tuner), "adapter_state_loader") else None
+
+
 def _wrapper_prefixes(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, ModulesToSaveWrapper)]
 
@@ -49,10 +56,13 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: dict | None = None, 
     wrappers = _wrapper_prefixes(model)
     out: dict[str, torch.Tensor] = {}
     adapter_layers: set[str] = set()
+    hooks = _method_hooks(model)
+    if hooks is not None:
+        out.update(hooks.adapter_state_dict(adapter_name))
     for key, value in state_dict.items():
         parts = key.split(".")
         for i, part in enumerate(parts[:-1]):
-            if part.startswith(prefix) and parts[i + 1] == adapter_name:
+            if hooks is None and part.startswith(prefix) and parts[i + 1] == adapter_name:
                 out[".".join(parts[: i + 1] + parts[i + 2 :])] = value
                 adapter_layers.add(".".join(parts[:i]))
                 break
@@ -92,6 +102,12 @@ def set_peft_model_state_dict(model: nn.Module, peft_state_dict: dict[str, torch
     """
     wrappers = _wrapper_prefixes(model)
     current = model.state_dict(keep_vars=True)
+    hooks = _method_hooks(model)
+    load_own = None
+    if hooks is not None:  # the method checks its own tensors first; modules_to_save copies follow below
+        own = {k: v for k, v in peft_state_dict.items() if not any(k.startswith(w + ".") for w in wrappers)}
+        load_own = hooks.adapter_state_loader(own, adapter_name)
+        peft_state_dict = {k: v for k, v in peft_state_dict.items() if k not in own}
     # PEFT's bias="all" also writes a wrapper's inner tensors (``classifier.modules_to_save.bias``,
     # ``classifier.original_module.bias``) beside ``classifier.bias``; PEFT skips them on load, so do we.
     inner = tuple(f"{w}.{part}." for w in wrappers for part in (MODULES_TO_SAVE, "original_module"))
@@ -115,7 +131,7 @@ def set_peft_model_state_dict(model: nn.Module, peft_state_dict: dict[str, torch
             )
     owned = [
         k for k in current
-        if (f".{adapter_name}." in k and any(p.startswith(prefix) for p in k.split(".")))
+        if (hooks is None and f".{adapter_name}." in k and any(p.startswith(prefix) for p in k.split(".")))
         or f".{MODULES_TO_SAVE}.{adapter_name}." in k
     ]
     missing = sorted(k for k in owned if k not in mapped)
@@ -123,6 +139,8 @@ def set_peft_model_state_dict(model: nn.Module, peft_state_dict: dict[str, torch
         raise ValueError(f"adapter {adapter_name!r}: the checkpoint lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     for key, (_, value) in mapped.items():
         current[key].copy_(value.to(current[key].dtype))
+    if load_own is not None:
+        load_own()
 
 
 def load_adapter_weights(folder: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

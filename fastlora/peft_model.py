@@ -22,6 +22,7 @@ from fastlora.checkpoint import (
 from fastlora.config import PeftConfig, PeftType, TaskType
 from fastlora.injector import LoraModel
 from fastlora.layers import LinearNF4
+from fastlora.methods import PROMPT_ENCODERS, AdaptionPromptModel, PromptLearner
 
 __all__ = [
     "PeftModel",
@@ -37,6 +38,10 @@ __all__ = [
 
 # peft_type -> tuner class that injects and manages that method's layers.
 PEFT_TYPE_TO_TUNER_MAPPING: dict[PeftType, type[nn.Module]] = {PeftType.LORA: LoraModel}
+PEFT_TYPE_TO_TUNER_MAPPING[PeftType.ADAPTION_PROMPT] = AdaptionPromptModel
+# Prompt learning keeps PEFT's layout: base_model is the transformers model itself and the encoders
+# sit beside it in ``prompt_encoder`` (a PromptLearner, which also plays the tuner's part).
+PEFT_TYPE_TO_TUNER_MAPPING.update(dict.fromkeys(PROMPT_ENCODERS, PromptLearner))
 
 
 class PeftModel(nn.Module):
@@ -53,7 +58,13 @@ class PeftModel(nn.Module):
         tuner = PEFT_TYPE_TO_TUNER_MAPPING[PeftType(peft_config.peft_type)]
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
-        self.base_model = tuner(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        self._is_prompt_learning = peft_config.is_prompt_learning
+        if self._is_prompt_learning:
+            self.base_model = model
+            self.prompt_encoder = tuner(model, peft_config, adapter_name)
+            self.word_embeddings = self.prompt_encoder.word_embeddings
+        else:
+            self.base_model = tuner(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         if _is_checkpointing(model) and hasattr(model, "enable_input_require_grads"):
             # Reentrant checkpointing needs an input that requires grad, or the frozen base cuts the graph.
             model.enable_input_require_grads()
@@ -78,16 +89,21 @@ class PeftModel(nn.Module):
 
     # ---- what PEFT users call -----------------------------------------------------------------------
     @property
+    def _tuner(self) -> nn.Module:
+        """What manages the adapters: the tuner (``base_model``), or ``prompt_encoder`` for prompt learning."""
+        return self.prompt_encoder if self._is_prompt_learning else self.base_model
+
+    @property
     def peft_config(self) -> dict[str, PeftConfig]:
-        return self.base_model.peft_config
+        return self._tuner.peft_config
 
     @property
     def active_adapter(self) -> str | list[str]:
-        return self.base_model.active_adapter
+        return self._tuner.active_adapter
 
     @property
     def active_adapters(self) -> list[str]:
-        return self.base_model.active_adapters
+        return self._tuner.active_adapters
 
     @property
     def peft_type(self) -> PeftType:
@@ -102,7 +118,7 @@ class PeftModel(nn.Module):
         return self.base_model(*args, **kwargs)
 
     def get_base_model(self) -> nn.Module:
-        return self.base_model.model
+        return self.base_model if self._is_prompt_learning else self.base_model.model
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         # A 4-bit weight counts as the number of weights it packs (two per byte), as PEFT counts
@@ -123,11 +139,11 @@ class PeftModel(nn.Module):
     @contextmanager
     def disable_adapter(self):
         """Run the base model alone inside the ``with`` block (merged adapters are unmerged first)."""
-        self.base_model.disable_adapter_layers()
+        self._tuner.disable_adapter_layers()
         try:
             yield
         finally:
-            self.base_model.enable_adapter_layers()
+            self._tuner.enable_adapter_layers()
 
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
         """Inject a further adapter; it is created frozen and inactive until ``set_adapter``."""
@@ -140,13 +156,13 @@ class PeftModel(nn.Module):
         if peft_config.base_model_name_or_path is None:
             first = next(iter(self.peft_config.values()))
             peft_config.base_model_name_or_path = first.base_model_name_or_path
-        self.base_model.inject_adapter(peft_config, adapter_name)
+        self._tuner.inject_adapter(peft_config, adapter_name)
 
     def set_adapter(self, adapter_name: str) -> None:
-        self.base_model.set_adapter(adapter_name)
+        self._tuner.set_adapter(adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        self.base_model.delete_adapter(adapter_name)
+        self._tuner.delete_adapter(adapter_name)
 
     # ---- checkpoints ----------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
@@ -163,7 +179,7 @@ class PeftModel(nn.Module):
         for name in names:
             config = copy.deepcopy(self.peft_config[name])
             config.inference_mode = True  # as PEFT writes it: a saved adapter loads frozen unless asked
-            state = get_peft_model_state_dict(self, adapter_name=name, prefix=self.base_model.prefix)
+            state = get_peft_model_state_dict(self, adapter_name=name, prefix=self._tuner.prefix)
             save_adapter(adapter_folder(save_directory, name), state, config, safe_serialization)
 
     @classmethod
@@ -181,9 +197,9 @@ class PeftModel(nn.Module):
         requires_grad = {name: param.requires_grad for name, param in model.named_parameters()}
         peft_model = cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         try:
-            set_peft_model_state_dict(peft_model, weights, adapter_name, prefix=peft_model.base_model.prefix)
+            set_peft_model_state_dict(peft_model, weights, adapter_name, prefix=peft_model._tuner.prefix)
         except Exception:
-            peft_model.base_model.delete_adapter(adapter_name)  # puts the original modules back
+            peft_model._tuner.delete_adapter(adapter_name)  # puts the original modules back
             for name, param in model.named_parameters():  # and unfreezes what injection froze
                 param.requires_grad_(requires_grad[name])
             raise
@@ -201,11 +217,11 @@ class PeftModel(nn.Module):
         weights = load_adapter_weights(_subfolder(model_id, kwargs), device=torch_device or "cpu")
         self._check_config(config)
         self._add_head_modules(config)
-        self.base_model.inject_adapter(config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        self._tuner.inject_adapter(config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         try:
-            set_peft_model_state_dict(self, weights, adapter_name, prefix=self.base_model.prefix)
+            set_peft_model_state_dict(self, weights, adapter_name, prefix=self._tuner.prefix)
         except Exception:
-            self.base_model.delete_adapter(adapter_name)
+            self._tuner.delete_adapter(adapter_name)
             raise
         if is_trainable:  # trainable even while inactive, as in PEFT
             for name, param in self.named_parameters():
@@ -230,11 +246,18 @@ def _subfolder(model_id, kwargs) -> str:
 class PeftModelForCausalLM(PeftModel):
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        if self._is_prompt_learning:
+            return self.prompt_encoder.forward_causal_lm(
+                input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+                output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                return_dict=return_dict, task_ids=task_ids, **kwargs)
         return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                                labels=labels, output_attentions=output_attentions,
                                output_hidden_states=output_hidden_states, return_dict=return_dict, **kwargs)
 
     def generate(self, *args, **kwargs):
+        if self._is_prompt_learning:
+            return self.prompt_encoder.generate(*args, **kwargs)
         return self.base_model.model.generate(*args, **kwargs)
 
 
@@ -242,6 +265,12 @@ class PeftModelForSeq2SeqLM(PeftModel):
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None,
                 decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        if self._is_prompt_learning:
+            return self.prompt_encoder.forward_seq2seq(
+                input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
+                decoder_inputs_embeds=decoder_inputs_embeds, labels=labels, output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states, return_dict=return_dict, task_ids=task_ids, **kwargs)
         return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                                decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
                                decoder_inputs_embeds=decoder_inputs_embeds, labels=labels,
@@ -249,6 +278,8 @@ class PeftModelForSeq2SeqLM(PeftModel):
                                return_dict=return_dict, **kwargs)
 
     def generate(self, *args, **kwargs):
+        if self._is_prompt_learning:
+            return self.prompt_encoder.generate(*args, **kwargs)
         return self.base_model.model.generate(*args, **kwargs)
 
 
@@ -262,6 +293,12 @@ class _EncoderTaskModel(PeftModel):
                 **kwargs):
         given = dict(token_type_ids=token_type_ids, position_ids=position_ids, labels=labels)
         kwargs.update({key: value for key, value in given.items() if value is not None})
+        if self._is_prompt_learning:
+            return self.prompt_encoder.forward_classification(
+                input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                return_dict=return_dict, task_ids=task_ids,
+                token_level=isinstance(self, PeftModelForTokenClassification), **kwargs)
         return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                                output_attentions=output_attentions, output_hidden_states=output_hidden_states,
                                return_dict=return_dict, **kwargs)

@@ -1,3 +1,14 @@
 """PEFT methods beside LoRA (prompt tuning, IA3, LoHa, AdaLoRA, ...), one module each, sharing the
 config, checkpoint and PeftModel machinery. LoRA itself lives in layers/ and injector/.
 """
+
+from fastlora.methods.adaption_prompt import AdaptionPromptConfig, AdaptionPromptModel
+from fastlora.methods.multitask_prompt_tuning import (
+    MultitaskPromptEmbedding,
+    MultitaskPromptTuningConfig,
+    MultitaskPromptTuningInit,
+)
+from fastlora.methods.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
+from fastlora.methods.prefix_tuning import PrefixEncoder, PrefixTuningConfig
+from fastlora.methods.prompt_learning import PROMPT_ENCODERS, PromptLearner, PromptLearningConfig
+from fastlora.methods.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
