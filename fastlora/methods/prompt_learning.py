@@ -352,12 +352,12 @@ class PromptLearner(nn.ModuleDict):
         attention_mask = self._extend_mask(attention_mask, batch_size)
         self._position_ids(kwargs)
         if config.peft_type == PeftType.PREFIX_TUNING:
-            if not _accepts(self.base, "past_key_values"):
-                raise NotImplementedError(
-                    f"prefix tuning for {type(self.base).__name__}: its forward takes no past_key_values")
             cache = self.prefix_cache(batch_size, self.base.dtype)
-            return self.base(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                             labels=labels, past_key_values=cache, **kwargs)
+            kwargs.update(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                          past_key_values=cache)
+            if _accepts(self.base, "past_key_values"):
+                return self.base(labels=labels, **kwargs)
+            return self._prefix_through_backbone(labels, token_level, kwargs)
         if kwargs.get("token_type_ids") is not None:
             token_type_ids = kwargs["token_type_ids"]
             zeros = torch.zeros(batch_size, config.num_virtual_tokens, dtype=torch.long, device=token_type_ids.device)
@@ -368,6 +368,33 @@ class PromptLearner(nn.ModuleDict):
         if token_level:
             labels = self._pad_labels(labels)
         return self.base(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    def _prefix_through_backbone(self, labels, token_level: bool, kwargs: dict):
+        """Classifiers whose forward takes no cache (BERT's): run the backbone with the prefix, then the
+        head and the loss as the task model does (PEFT's route)."""
+        from transformers.modeling_outputs import SequenceClassifierOutput, TokenClassifierOutput
+
+        base = self.base
+        backbone_name = next((name for name, child in base.named_children() if hasattr(child, "config")), None)
+        backbone = getattr(base, backbone_name) if backbone_name else None
+        if backbone is None or not _accepts(backbone, "past_key_values"):
+            raise NotImplementedError(f"prefix tuning for {type(base).__name__}: no part of it takes past_key_values")
+        return_dict = kwargs.pop("return_dict", None)
+        return_dict = getattr(base.config, "return_dict", True) if return_dict is None else return_dict
+        outputs = backbone(**kwargs, return_dict=True)
+        features = outputs[0] if token_level or len(outputs) < 2 else outputs[1]  # tokens, or the pooled output
+        if "dropout" in base._modules:
+            features = base.dropout(features)
+        names = list(self.active_config.modules_to_save or ())
+        head = next(child for name, child in base.named_children() if any(n in name for n in names))
+        logits = head(features)
+        loss = None if labels is None else _classification_loss(base, logits, labels, token_level)
+        if not return_dict:
+            out = (logits,) + tuple(v for k, v in outputs.items() if k in ("hidden_states", "attentions"))
+            return ((loss,) + out) if loss is not None else out
+        output_class = TokenClassifierOutput if token_level else SequenceClassifierOutput
+        return output_class(loss=loss, logits=logits, hidden_states=outputs.get("hidden_states"),
+                            attentions=outputs.get("attentions"))
 
     def forward_seq2seq(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None,
                         decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None, task_ids=None, **kwargs):
@@ -473,6 +500,28 @@ def _fill_cache(cache, prefix) -> None:
         cache, prefix = cache.self_attention_cache, prefix.self_attention_cache
     for layer_idx, layer in enumerate(prefix.layers):
         cache.update(layer.keys, layer.values, layer_idx)
+
+
+def _classification_loss(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor, token_level: bool):
+    """The loss transformers' classification heads compute (problem_type picked as they pick it)."""
+    num_labels = model.num_labels
+    if token_level:
+        return nn.functional.cross_entropy(logits.view(-1, num_labels), labels.view(-1))
+    config = model.config
+    if config.problem_type is None:
+        if num_labels == 1:
+            config.problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            config.problem_type = "single_label_classification"
+        else:
+            config.problem_type = "multi_label_classification"
+    if config.problem_type == "regression":
+        if num_labels == 1:
+            return nn.functional.mse_loss(logits.squeeze(), labels.squeeze())
+        return nn.functional.mse_loss(logits, labels)
+    if config.problem_type == "single_label_classification":
+        return nn.functional.cross_entropy(logits.view(-1, num_labels), labels.view(-1))
+    return nn.functional.binary_cross_entropy_with_logits(logits, labels)
 
 
 def _drop_token_type_ids(kwargs: dict) -> None:
