@@ -91,8 +91,9 @@ def _nf4_quantize_kernel(
     v_odd = tl.load(w_ptr + odd, mask=odd < n, other=0.0).to(tl.float32)
     absmax = tl.maximum(tl.max(tl.abs(v_even), axis=0), tl.max(tl.abs(v_odd), axis=0))
     tl.store(absmax_ptr + block, absmax)
-    safe = tl.maximum(absmax, 1e-38)
-    inverse = tl.math.div_rn(1.0, safe)
+    # Float literals stay out of the arithmetic: triton 3.6 types them fp64 (1e-38 promoted absmax).
+    safe = tl.maximum(absmax, tl.full([], 1e-38, tl.float32))
+    inverse = tl.math.div_rn(tl.full([], 1.0, tl.float32), safe)
     full = (block + 1) * BLOCKSIZE <= n
     s_even = tl.where(full, v_even * inverse, tl.math.div_rn(v_even, safe))
     s_odd = tl.where(full, v_odd * inverse, tl.math.div_rn(v_odd, safe))
@@ -124,8 +125,8 @@ def _nf4_dequantize_kernel(
 def _nf4_matmul_kernel(
     # pointers
     x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, bias_ptr, s_ptr, up_ptr, out_ptr,
-    # sizes
-    M, N, K, r,
+    # sizes (each K-split covers k_per_split columns, a multiple of BLOCK_K)
+    M, N, K, r, k_per_split,
     # strides
     stride_xm, stride_xk, stride_sm, stride_sr, stride_un, stride_ur, stride_os, stride_om, stride_on,
     # runtime scalars
@@ -134,7 +135,7 @@ def _nf4_matmul_kernel(
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, R: tl.constexpr, RANK_CHUNK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -143,12 +144,11 @@ def _nf4_matmul_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = offs_m[:, None] < M
     col_ok = offs_n[None, :] < N
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    k_per_split = tl.cdiv(k_tiles, SPLIT_K) * BLOCK_K
     k_begin = pid_k * k_per_split
+    k_end = tl.minimum(K, k_begin + k_per_split)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_begin, tl.minimum(k_begin + k_per_split, K), BLOCK_K):
+    for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk,
                     mask=row_ok & (offs_k[None, :] < K), other=0.0)  # [BM, BK]
@@ -232,7 +232,8 @@ def nf4_matmul(
     R = _config.rank_bucket(r)
     interpreter = _config.interpreted(_nf4_matmul_kernel)
     cfg = _matmul_config(M, N, K, x2.device, interpreter)
-    split = cfg["SPLIT_K"]
+    k_per_split = triton.cdiv(triton.cdiv(K, cfg["BLOCK_K"]), cfg.pop("SPLIT_K")) * cfg["BLOCK_K"]
+    split = triton.cdiv(K, k_per_split)  # no empty split
     out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     if M == 0 or N == 0:
         return out
@@ -244,7 +245,7 @@ def nf4_matmul(
     _nf4_matmul_kernel[grid](
         x2, packed.view(torch.uint8), state.code, absmax, nested_absmax, nested_code,
         bias if bias is not None else out, s if has_lora else out, lora_B if has_lora else out, target,
-        M, N, K, r,
+        M, N, K, r, k_per_split,
         x2.stride(0), x2.stride(1), *(s.stride() if has_lora else (0, 0)),
         *(lora_B.stride() if has_lora else (0, 0)), *o_strides,
         offset, float(scaling),
