@@ -204,7 +204,12 @@ class PromptLearner(nn.ModuleDict):
         except Exception:
             self._remove(adapter_name)
             raise
-        encoder.requires_grad_(not config.inference_mode)
+        # inference_mode changes the encoder's shape (no head) but, as in PEFT, does not freeze it (PEFT's
+        # trainable-parameter counts hold for loaded adapters too); the modules_to_save copies it freezes.
+        if config.inference_mode:
+            for wrapper in self._wrappers():
+                if adapter_name in wrapper.modules_to_save:
+                    wrapper.modules_to_save[adapter_name].requires_grad_(False)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
@@ -220,7 +225,8 @@ class PromptLearner(nn.ModuleDict):
         return [m for m in self.base.modules() if isinstance(m, ModulesToSaveWrapper)]
 
     def _remove(self, adapter_name: str) -> None:
-        self.pop(adapter_name, None)
+        if adapter_name in self:  # nn.ModuleDict.pop takes no default
+            del self[adapter_name]
         self.peft_config.pop(adapter_name, None)
         for key, wrapper in [(k, m) for k, m in self.base.named_modules() if isinstance(m, ModulesToSaveWrapper)]:
             if adapter_name in wrapper.modules_to_save:
