@@ -60,7 +60,7 @@ def test_bitsandbytes_state_dict_loads_and_matches(in_f, out_f, blocksize, doubl
     x = torch.randn(5, in_f)
     if blocksize <= 64:
         torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
-    else:  # bitsandbytes' CPU library dequantizes blocksize >= 128 wrongly here (see tests/quant)
+    else:  # bitsandbytes' CPU library dequantizes blocksize >= 128 wrongly here (see tests/quant/test_nf4_quant.py)
         from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 
         ts = theirs.weight.quant_state
@@ -76,7 +76,7 @@ def test_our_quantization_is_bitsandbytes_and_loads_there(in_f, out_f, blocksize
     ours = LinearNF4.from_linear(linear, blocksize=blocksize, double_quant=double_quant, quant_storage=storage)
     theirs = _bnb_layer(linear, blocksize, double_quant, storage)
     sd = ours.state_dict()
-    if not double_quant:  # nested bytes may differ by a rounding tie (see tests/quant); the weight never does
+    if not double_quant:  # nested bytes may differ by a rounding tie (see tests/quant/test_nf4_quant.py); the weight never does
         _same_state_dict(sd, theirs.state_dict())
     assert torch.equal(_bytes(sd["weight"]), _bytes(theirs.state_dict()["weight"]))
     # bitsandbytes reads our state dict (as transformers does for a prequantized checkpoint).
