@@ -28,7 +28,7 @@ def llama(tiny_llama):
     (in_features 32 with blocksize 64 gives 2-3x the quantization error; tests/quant checks fastlora
     against bitsandbytes' pure-PyTorch backend for those shapes), so comparisons with bitsandbytes'
     own forward use aligned shapes. fastlora itself handles any shape (test_gpt2_conv1d_layers_quantize,
-    tests/layers/test_nf4.py).
+    tests/layers/test_linear_nf4.py).
     """
     def make(seed=0, **overrides):
         return tiny_llama(seed=seed, **{"hidden_size": 64, "intermediate_size": 128, **overrides})
