@@ -1,7 +1,8 @@
 """``PeftModel`` and its task classes: PEFT's model wrapper, API and checkpoint behaviour.
 
 ``peft_model.base_model`` is the tuner (``LoraModel``) and ``peft_model.base_model.model`` the
-transformers model, so names, state dicts and saved keys are PEFT's.
+transformers model, so names, state dicts and saved keys are PEFT's. For prompt learning (as in PEFT)
+``base_model`` is the transformers model itself and the encoders sit in ``peft_model.prompt_encoder``.
 """
 
 from __future__ import annotations

@@ -107,6 +107,9 @@ class PrefixEncoder(VirtualTokenEncoder):
 
     @classmethod
     def from_model(cls, config, model: nn.Module, word_embeddings: nn.Module) -> PrefixEncoder:
+        if any(getattr(module, "gradient_checkpointing", False) for module in model.modules()):
+            # a recomputed layer would append its keys to the prefix cache a second time (PEFT refuses too)
+            raise ValueError("prefix tuning does not work with gradient checkpointing; disable it first")
         fit_to_model(config, model)
         return cls(config)
 

@@ -59,3 +59,11 @@ def test_position_ids_move_by_the_prefix_as_in_peft(tiny_llama):
         out = ours(input_ids=ids, position_ids=positions).logits
         torch.testing.assert_close(out, theirs(input_ids=ids, position_ids=positions).logits, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(out, ours(input_ids=ids).logits, rtol=1e-5, atol=1e-5)  # same numbering
+
+
+def test_gradient_checkpointing_is_refused_before_any_change(tiny_llama):
+    base = tiny_llama()
+    base.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        fastlora.get_peft_model(base, fastlora.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    assert all(p.requires_grad for p in base.parameters())
