@@ -15,8 +15,14 @@ from fastlora.auto import (
 )
 from fastlora.checkpoint import get_peft_model_state_dict, set_peft_model_state_dict
 from fastlora.config import LoraConfig, PeftConfig, PeftType, TaskType
-from fastlora.injector import LoraModel, prepare_model_for_kbit_training, quantize_model
-from fastlora.layers import LinearNF4, LoraLinear, ModulesToSaveWrapper
+from fastlora.injector import (
+    LoraModel,
+    adapter_slots,
+    mixed_adapter_batch,
+    prepare_model_for_kbit_training,
+    quantize_model,
+)
+from fastlora.layers import AdapterBank, LinearNF4, LoraLinear, ModulesToSaveWrapper
 from fastlora.methods import (
     AdaptionPromptConfig,
     MultitaskPromptTuningConfig,
@@ -79,6 +85,10 @@ __all__ = [
     "LoraLinear",
     "ModulesToSaveWrapper",
     "lora_linear",
+    # multi-adapter batches
+    "mixed_adapter_batch",
+    "adapter_slots",
+    "AdapterBank",
     # 4-bit (QLoRA)
     "LinearNF4",
     "quantize_model",

@@ -22,6 +22,7 @@ from fastlora.checkpoint import (
 )
 from fastlora.config import PeftConfig, PeftType, TaskType
 from fastlora.injector import LoraModel
+from fastlora.injector.mixed_batch import mixed_adapter_batch
 from fastlora.layers import LinearNF4
 from fastlora.methods import PROMPT_ENCODERS, AdaptionPromptModel, PromptLearner
 
@@ -259,7 +260,9 @@ class PeftModelForCausalLM(PeftModel):
     def generate(self, *args, **kwargs):
         if self._is_prompt_learning:
             return self.prompt_encoder.generate(*args, **kwargs)
-        return self.base_model.model.generate(*args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)  # one per sequence, PEFT's mixed-adapter batch
+        with mixed_adapter_batch(self.base_model, adapter_names, num_beams=kwargs.get("num_beams")):
+            return self.base_model.model.generate(*args, **kwargs)
 
 
 class PeftModelForSeq2SeqLM(PeftModel):
@@ -281,7 +284,9 @@ class PeftModelForSeq2SeqLM(PeftModel):
     def generate(self, *args, **kwargs):
         if self._is_prompt_learning:
             return self.prompt_encoder.generate(*args, **kwargs)
-        return self.base_model.model.generate(*args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)  # one per sequence, PEFT's mixed-adapter batch
+        with mixed_adapter_batch(self.base_model, adapter_names, num_beams=kwargs.get("num_beams")):
+            return self.base_model.model.generate(*args, **kwargs)
 
 
 class _EncoderTaskModel(PeftModel):

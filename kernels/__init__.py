@@ -9,6 +9,9 @@ Imports torch and triton only, never ``fastlora``. ``fastlora.ops`` calls:
 - ``dropout_keep_mask(seed, M, K, p, device)``: the mask the kernels draw (tests and oracles)
 - ``nf4_linear_fwd / nf4_linear_bwd / nf4_unsupported_reason``: the same for a frozen NF4 weight
   (QLoRA), and ``nf4_quantize / nf4_dequantize / nf4_matmul`` underneath (bitsandbytes' bytes)
+- ``multi_lora_add(y, x, lora_A, lora_B, ranks, scalings, token_slots, sorted_tokens, blocks, block_m)``:
+  a mixed batch's LoRA updates, each token with its own adapter of a stacked bank, added into the base
+  output (``sgmv_shrink`` / ``sgmv_expand`` underneath); ``multi_lora_unsupported_reason`` says when not
 
 The kernels run compiled on CUDA, or on CPU tensors under the Triton interpreter when
 ``TRITON_INTERPRET=1`` was set before triton was imported. ``FASTLORA_AUTOTUNE=1`` (read at import)
@@ -19,6 +22,7 @@ from .dropout import dropout_keep_mask
 from .lora_linear import lora_linear_bwd, lora_linear_fwd, unsupported_reason
 from .nf4 import nf4_dequantize, nf4_matmul, nf4_quantize
 from .nf4_linear import nf4_linear_bwd, nf4_linear_fwd, nf4_unsupported_reason, nf4_workspace_clear
+from .sgmv import multi_lora_add, multi_lora_unsupported_reason, sgmv_expand, sgmv_shrink
 
 __all__ = [
     "lora_linear_fwd",
@@ -32,4 +36,8 @@ __all__ = [
     "nf4_linear_bwd",
     "nf4_unsupported_reason",
     "nf4_workspace_clear",
+    "sgmv_shrink",
+    "sgmv_expand",
+    "multi_lora_add",
+    "multi_lora_unsupported_reason",
 ]

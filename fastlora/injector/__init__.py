@@ -2,13 +2,17 @@
 
 from fastlora.injector.inject import inject_lora, resolve_target_modules, unload_modules
 from fastlora.injector.lora_model import LoraModel
+from fastlora.injector.mixed_batch import BASE_ADAPTER, adapter_slots, mixed_adapter_batch
 from fastlora.injector.quantize import prepare_model_for_kbit_training, quantize_model
 from fastlora.injector.targets import LORA_TARGET_MODULES
 
 __all__ = [
+    "BASE_ADAPTER",
     "LORA_TARGET_MODULES",
     "LoraModel",
+    "adapter_slots",
     "inject_lora",
+    "mixed_adapter_batch",
     "prepare_model_for_kbit_training",
     "quantize_model",
     "resolve_target_modules",

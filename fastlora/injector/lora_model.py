@@ -19,6 +19,7 @@ from fastlora.injector.inject import (
     unload_modules,
     wrap_modules_to_save,
 )
+from fastlora.injector.mixed_batch import mixed_adapter_batch
 from fastlora.layers import LoraLinear, ModulesToSaveWrapper
 
 __all__ = ["LoraModel"]
@@ -44,7 +45,11 @@ class LoraModel(nn.Module):
             return getattr(self.model, name)
 
     def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)  # PEFT's mixed-adapter batch: one name per sequence
+        if adapter_names is None:
+            return self.model(*args, **kwargs)
+        with mixed_adapter_batch(self, adapter_names):
+            return self.model(*args, **kwargs)
 
     # ---- adapters ---------------------------------------------------------------------------------
     def _layers(self) -> list[nn.Module]:

@@ -1,7 +1,8 @@
 """Drop-in ``nn.Module`` replacements; they never import transformers."""
 
+from fastlora.layers.bank import AdapterBank, MixedBatch
 from fastlora.layers.lora import LoraLinear
 from fastlora.layers.modules_to_save import ModulesToSaveWrapper
 from fastlora.layers.nf4 import LinearNF4
 
-__all__ = ["LinearNF4", "LoraLinear", "ModulesToSaveWrapper"]
+__all__ = ["AdapterBank", "LinearNF4", "LoraLinear", "MixedBatch", "ModulesToSaveWrapper"]

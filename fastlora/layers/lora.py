@@ -14,6 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from fastlora.layers.bank import AdapterBank, MixedBatch, mixed_batch_forward
 from fastlora.layers.nf4 import LinearNF4
 from fastlora.ops import lora_linear, nf4_linear
 
@@ -26,6 +27,10 @@ class LoraLinear(nn.Module):
 
     adapter_layer_names = ("lora_A", "lora_B")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
+    # Set for the duration of a mixed-adapter forward (fastlora.mixed_adapter_batch): each token then takes
+    # its own adapter through the stacked adapter_bank (fastlora.layers.bank) instead of the active one.
+    mixed_batch: MixedBatch | None = None
+    adapter_bank: AdapterBank | None = None
 
     def __init__(
         self,
@@ -159,6 +164,8 @@ class LoraLinear(nn.Module):
         return weight.t() if self.fan_in_fan_out else weight  # Conv1D's [in, out] as a view, never a copy
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.mixed_batch is not None and not self._disable_adapters:
+            return mixed_batch_forward(self, x, *args, **kwargs)
         active = [name for name in self._active_adapters if name in self.lora_A]
         if self._disable_adapters or self.merged or not active:
             return self.base_layer(x, *args, **kwargs)

@@ -32,6 +32,7 @@ def get_backend() -> str:
 _ENTRY_POINTS = {
     "lora_linear": ("lora_linear_fwd", "lora_linear_bwd", "unsupported_reason"),
     "nf4_linear": ("nf4_linear_fwd", "nf4_linear_bwd", "nf4_unsupported_reason"),
+    "multi_lora": ("multi_lora_add", "multi_lora_unsupported_reason"),
 }
 
 
