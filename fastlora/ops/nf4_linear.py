@@ -44,11 +44,15 @@ def _kernels_for(x, packed, state, bias, lora_A, lora_B, dropout_p):
     return kernels
 
 
-def _state(absmax, nested_absmax, nested_code, offset, shape, blocksize, nested_blocksize) -> NF4State:
+def _state(absmax, nested_absmax, nested_code, offset, shape, blocksize, nested_blocksize,
+           with_code: bool = True) -> NF4State:
+    """The NF4State the op's flat arguments describe. ``with_code=False`` leaves the codebook on the
+    CPU: autograd's setup_context also runs while torch.compile traces with fake tensors, and it only
+    needs the state's shapes and devices."""
     return NF4State(
         absmax=absmax, shape=torch.Size(shape), dtype=torch.float32, blocksize=blocksize,
-        code=_code_on(absmax.device), nested_absmax=nested_absmax, nested_code=nested_code,
-        nested_blocksize=nested_blocksize, offset=offset,
+        code=_code_on(absmax.device) if with_code else NF4_CODE, nested_absmax=nested_absmax,
+        nested_code=nested_code, nested_blocksize=nested_blocksize, offset=offset,
     )
 
 
@@ -177,7 +181,7 @@ def _op_setup_context(ctx, inputs, output):
     x, packed, absmax, nested_absmax, nested_code, offset, shape, blocksize, nested_blocksize, bias, lora_A, \
         lora_B, scaling, dropout_p = inputs
     _, s, seed = output
-    state = _state(absmax, nested_absmax, nested_code, offset, shape, blocksize, nested_blocksize)
+    state = _state(absmax, nested_absmax, nested_code, offset, shape, blocksize, nested_blocksize, with_code=False)
     _save(ctx, x, packed, state, bias, lora_A, lora_B, scaling, dropout_p, s, seed)
     ctx.grad_index = (0, 9, 10, 11)  # x, bias, lora_A, lora_B among the op's inputs
 

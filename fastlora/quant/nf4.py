@@ -126,7 +126,8 @@ class NF4State:
         )
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.absmax, self.code, self.nested_absmax, self.nested_code) if t is not None]
+        """The per-layer tensors (the NF4 codebook, a constant, is not one of them)."""
+        return [t for t in (self.absmax, self.nested_absmax, self.nested_code) if t is not None]
 
 
 def _block_scaled(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
