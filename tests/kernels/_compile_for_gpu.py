@@ -70,6 +70,7 @@ def _record_launches() -> None:
         lora_linear_bwd(torch.empty(M, N, dtype=dtype), x, w, a, bb, s, seed, 2.0, p, True, True, bias, True, True)
     dropout_keep_mask(torch.zeros((), dtype=torch.int64), 64, 64, 0.5, "cpu")
     _record_nf4_launches()
+    _record_sgmv_launches()
 
 
 # (M, K, N, r, dtype, dropout_p, double_quant): decode (fused, split-K) with and without LoRA, a
@@ -96,6 +97,30 @@ def _record_nf4_launches() -> None:
                        r is not None, r is not None)
         nf4_dequantize(packed, state, dtype)
         nf4_quantize(torch.empty(N, K, dtype=dtype), torch.empty(15), 64)
+
+
+# (M, K, N, widest rank, dtype, block_m): decode rows, short and long prefill segments, a bank wider than
+# one shrink chunk, fp32 adapters on fp32 activations.
+SGMV_CASES = [
+    (8, 4096, 4096, 64, torch.bfloat16, 0),
+    (32, 4096, 14336, 64, torch.float16, 16),
+    (4096, 4096, 4096, 64, torch.bfloat16, 64),
+    (1000, 14336, 4096, 200, torch.bfloat16, 32),
+    (300, 768, 2304, 16, torch.float32, 32),
+]
+
+
+def _record_sgmv_launches() -> None:
+    from fastlora.kernels import multi_lora_add
+    from fastlora.ops.multi_lora import adapter_batch
+
+    for M, K, N, R, dtype, block_m in SGMV_CASES:
+        L = 8
+        meta = adapter_batch(torch.zeros(M, dtype=torch.int32), L, block_m=block_m)
+        multi_lora_add(torch.empty(M, N, dtype=dtype), torch.empty(M, K, dtype=dtype),
+                       torch.empty(L, R, K, dtype=dtype), torch.empty(L, N, R, dtype=dtype),
+                       torch.zeros(L, dtype=torch.int32), torch.zeros(L), meta.token_slots, meta.sorted_tokens,
+                       meta.blocks, meta.block_m)
 
 
 def _compile(fn: JITFunction, args: tuple, kwargs: dict, arch: int, seen: set) -> bool:
