@@ -15,7 +15,8 @@ training mode. Per method:
 Methods: prompt tuning, p-tuning (MLP), prefix tuning (plain and with projection), multitask prompt
 tuning and adaption prompt. Timing and memory as ``bench.common`` measures them (BENCH.md): on CPU the
 providers of one method run interleaved, round after round; ``peak_mb`` is the most memory a step had
-allocated beyond what was allocated when it started.
+allocated beyond what was allocated when it started; ``saved_mb`` what autograd keeps from the forward
+for the backward.
 """
 
 from __future__ import annotations
@@ -172,7 +173,7 @@ def run(methods, device, dtype, shape: dict, budget: float, progress=print) -> l
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| method | base ms | PEFT ms | fastlora ms | fastlora/PEFT time | PEFT peak MB | fastlora peak MB "
-             "| fastlora/PEFT memory |", "|---|---|---|---|---|---|---|---|"]
+             "| fastlora/PEFT memory | PEFT saved MB | fastlora saved MB |", "|---" * 10 + "|"]
     by_method: dict[str, dict[str, dict]] = {}
     for row in rows:
         by_method.setdefault(row["method"], {})[row["provider"]] = row
@@ -181,7 +182,8 @@ def markdown(rows: list[dict]) -> str:
         mem_ratio = f["peak_mb"] / p["peak_mb"] if p["peak_mb"] else float("nan")
         lines.append(f"| {method} | {b['p50_ms']:.2f} | {p['p50_ms']:.2f} [{p['p20_ms']:.2f}-{p['p80_ms']:.2f}] "
                      f"| {f['p50_ms']:.2f} [{f['p20_ms']:.2f}-{f['p80_ms']:.2f}] | {f['p50_ms'] / p['p50_ms']:.3f} "
-                     f"| {p['peak_mb']:.1f} | {f['peak_mb']:.1f} | {mem_ratio:.3f} |")
+                     f"| {p['peak_mb']:.1f} | {f['peak_mb']:.1f} | {mem_ratio:.3f} | {p['saved_mb']:.1f} "
+                     f"| {f['saved_mb']:.1f} |")
     return "\n".join(lines)
 
 
@@ -191,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a smaller model and a shorter budget")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on cuda, fp32 on cpu)")
-    parser.add_argument("--budget", type=float, default=None, help="seconds of timing per provider (default 1, 0.3 quick)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds of timing per provider (default 1, 0.3 with --quick)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--csv", default=None, help="also write BENCH.md's CSV columns to this file")
     args = parser.parse_args(argv)

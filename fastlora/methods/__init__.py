@@ -12,3 +12,24 @@ from fastlora.methods.p_tuning import PromptEncoder, PromptEncoderConfig, Prompt
 from fastlora.methods.prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from fastlora.methods.prompt_learning import PROMPT_ENCODERS, PromptLearner, PromptLearningConfig
 from fastlora.methods.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
+
+__all__ = [
+    # prompt learning (shared machinery, then one module per method)
+    "PROMPT_ENCODERS",
+    "PromptLearner",
+    "PromptLearningConfig",
+    "PromptTuningConfig",
+    "PromptTuningInit",
+    "PromptEmbedding",
+    "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType",
+    "PromptEncoder",
+    "PrefixTuningConfig",
+    "PrefixEncoder",
+    "MultitaskPromptTuningConfig",
+    "MultitaskPromptTuningInit",
+    "MultitaskPromptEmbedding",
+    # adaption prompt
+    "AdaptionPromptConfig",
+    "AdaptionPromptModel",
+]

@@ -169,7 +169,8 @@ class AdaptionPromptModel(nn.Module):
         config.target_modules = target
         return found[-config.adapter_layers:]
 
-    def inject_adapter(self, config: AdaptionPromptConfig, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+    def inject_adapter(self, config: AdaptionPromptConfig, adapter_name: str,
+                       autocast_adapter_dtype: bool = True) -> None:
         """Build ``adapter_name``'s wrappers; the first adapter goes into the model, later ones wait."""
         if not isinstance(config, AdaptionPromptConfig):
             raise TypeError(f"AdaptionPromptModel takes an AdaptionPromptConfig, got {type(config).__name__}")

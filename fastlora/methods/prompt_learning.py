@@ -110,7 +110,8 @@ def find_word_embeddings(model: nn.Module) -> nn.Module:
     embeddings = get() if callable(get) else None
     if embeddings is None:
         vocab = getattr(_text_config(model), "vocab_size", None)
-        embeddings = next((m for m in model.modules() if isinstance(m, nn.Embedding) and m.num_embeddings == vocab), None)
+        embeddings = next((m for m in model.modules() if isinstance(m, nn.Embedding) and m.num_embeddings == vocab),
+                          None)
     if embeddings is None:
         raise ValueError("prompt learning needs the model's input embeddings; none found (no get_input_embeddings)")
     return embeddings
@@ -185,7 +186,8 @@ class PromptLearner(nn.ModuleDict):
     def active_config(self) -> PromptLearningConfig:
         return self.peft_config[self.active_adapter]
 
-    def inject_adapter(self, config: PromptLearningConfig, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+    def inject_adapter(self, config: PromptLearningConfig, adapter_name: str,
+                       autocast_adapter_dtype: bool = True) -> None:
         """Build ``adapter_name``'s encoder; everything is checked before the model is touched."""
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists")
@@ -258,8 +260,9 @@ class PromptLearner(nn.ModuleDict):
         unexpected = sorted(set(state) - set(expected))
         missing = sorted(set(expected) - set(state))
         if unexpected or missing:
-            raise ValueError(f"adapter {adapter_name!r}: the checkpoint does not fit a {self.peft_config[adapter_name].peft_type} "
-                             f"adapter (unexpected tensors {unexpected}, missing {missing})")
+            kind = self.peft_config[adapter_name].peft_type
+            raise ValueError(f"adapter {adapter_name!r}: the checkpoint does not fit a {kind} adapter "
+                             f"(unexpected tensors {unexpected}, missing {missing})")
         for key, shape in expected.items():
             # an encoder with a head takes its output's shape (that is what is saved)
             if tuple(state[key].shape) != shape:

@@ -46,7 +46,8 @@ MODELS = {
 }
 # The full grid on the causal models, the main methods elsewhere (the rest runs the same code).
 CASES = [(m, k) for m in ("llama-gqa", "gpt2") for k in METHODS]
-CASES += [(m, k) for m in ("t5", "bert-seqcls", "llama-tokcls") for k in ("prompt", "ptuning-mlp", "prefix", "multitask")]
+CASES += [(m, k) for m in ("t5", "bert-seqcls", "llama-tokcls")
+          for k in ("prompt", "ptuning-mlp", "prefix", "multitask")]
 
 
 def _seeded(model):
