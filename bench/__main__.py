@@ -3,6 +3,7 @@
     python -m bench                        # full grid on the default device (cuda if available)
     python -m bench --quick                # a subset in about a minute on CPU
     python -m bench --ops lora_linear --device cpu --out bench/out
+    python -m bench --quick --ops nf4_linear,train_step --device cpu   # 4-bit layer and QLoRA step
 
 Results are named ``<date>_<device>_<model>[_quick].{csv,json,md}`` plus ``..._<op>.png``.
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from bench import lora_linear, train_step
+from bench import lora_linear, nf4_linear, train_step
 from bench.common import (
     MODES,
     default_dtype,
@@ -31,7 +32,8 @@ from bench.common import (
 )
 from bench.report import comparisons, write_csv, write_json, write_markdown, write_plots
 
-OPS = {"lora_linear": lora_linear, "train_step": train_step}
+OPS = {"lora_linear": lora_linear, "nf4_linear": nf4_linear, "train_step": train_step}
+LAYER_OPS = ("lora_linear", "nf4_linear")  # one layer, measured in each of --modes
 GRAPH_MAX_M = 16  # decode sizes: also timed as a CUDA graph replay (BENCH.md)
 GRAPH_MODES = ("forward_nograd", "forward", "full")  # a backward alone cannot be captured without its forward
 
@@ -42,7 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="\n".join(__doc__.splitlines()[1:]))
     parser.add_argument("--quick", action="store_true", help="a small subset of shapes (about a minute on CPU)")
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, from {', '.join(OPS)} (default: all)")
-    parser.add_argument("--modes", default=",".join(MODES), help=f"lora_linear modes (default: {','.join(MODES)})")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help=f"lora_linear and nf4_linear modes (default: {','.join(MODES)})")
+    parser.add_argument("--quant", choices=("both", "none", "nf4"), default="both",
+                        help="train_step: LoRA on the 16-bit model (none), QLoRA on its NF4 quantization "
+                             "against PEFT + bitsandbytes (nf4), or both (default)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when available)")
     parser.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on cuda, fp32 on cpu)")
     parser.add_argument("--out", type=Path, default=Path("bench/out"), help="output folder (default: bench/out)")
@@ -64,6 +70,8 @@ def _groups(specs):
 
 
 def _row(op: str, spec, stats, mem: dict, base_p50: float, dtype: str, env, extra: dict | None = None) -> dict:
+    if hasattr(spec, "dtype_label"):  # a 4-bit weight: its format before the compute dtype, e.g. nf4/bfloat16
+        dtype = spec.dtype_label(dtype)
     row = dict(
         op=op, provider=spec.provider, mode=spec.mode, M=spec.M, K=spec.K, N=spec.N,
         r="" if spec.r is None else spec.r, dtype=dtype, dropout="" if spec.dropout is None else spec.dropout,
@@ -75,26 +83,32 @@ def _row(op: str, spec, stats, mem: dict, base_p50: float, dtype: str, env, extr
     return row
 
 
-def run_op(name: str, device, dtype, env, preset: str, budget: float, modes, progress) -> list[dict]:
+def op_specs(name: str, device, preset: str, modes, quant: str = "both") -> list:
+    if name in LAYER_OPS:
+        return OPS[name].specs(device, preset, modes=modes)
+    return train_step.specs(device, preset, quant=quant)
+
+
+def run_op(name: str, device, dtype, env, preset: str, budget: float, modes, progress, quant: str = "both") -> list[dict]:
     module = OPS[name]
-    if name == "lora_linear":
-        specs = module.specs(device, preset, modes=modes)
-        store = lora_linear.Inputs(device, dtype)
-    else:
-        specs = module.specs(device, preset)
-        store = train_step.Models(device, dtype)
+    specs = op_specs(name, device, preset, modes, quant)
+    store = module.Models(device, dtype) if name == "train_step" else module.Inputs(device, dtype)
     rows: list[dict] = []
     checked: set[tuple] = set()
     for group in _groups(specs):
         calls = {spec: module.build(spec, store) for spec in group}
         if name == "lora_linear":
             _check_outputs(store, group, checked, dtype)
+        elif name == "nf4_linear":
+            _check_nf4_outputs(store, group, checked)
+        else:
+            _check_losses(calls, dtype)
         stats = time_calls({spec: call.fn for spec, call in calls.items()}, device, budget_s=budget)
         base_spec = next(spec for spec in group if spec.provider == "base")
         for spec, call in calls.items():
             rows.append(_row(name, spec, stats[spec], measure_memory(call, device), stats[base_spec].p50_ms,
                              dtype_name(dtype), env))
-        if device.type == "cuda" and name == "lora_linear" and base_spec.M <= GRAPH_MAX_M and base_spec.mode in GRAPH_MODES:
+        if device.type == "cuda" and name in LAYER_OPS and base_spec.M <= GRAPH_MAX_M and base_spec.mode in GRAPH_MODES:
             rows += _graph_rows(name, calls, base_spec, dtype, env, budget)
         del calls
         progress.update(len(group))
@@ -133,6 +147,32 @@ def _check_outputs(store, group, checked: set, dtype) -> None:
                           f"(relative {err:.2e} > {tol:g})", RuntimeWarning, stacklevel=2)
 
 
+def _check_nf4_outputs(store, group, checked: set) -> None:
+    """Every 4-bit provider must compute the same layer as the others (and as the dense one, to 4-bit
+    rounding), or comparing their speed means nothing (``nf4_linear.check_outputs``). Checked on up to
+    64 rows, once per row count, so that both of fastlora's paths (fused at decode sizes, dequantize
+    into a workspace above) are."""
+    for spec in group:
+        if spec.double_quant is None:
+            continue
+        ranks = {s.r for s in group if s.double_quant == spec.double_quant and s.r is not None} or {None}
+        m = min(spec.M, 64)
+        for r in sorted(ranks, key=lambda r: r or 0):
+            key = (m, spec.K, spec.N, spec.double_quant, r)  # with a rank, the no-adapter layers are checked too
+            if key in checked:
+                continue
+            checked.add(key)
+            for problem in nf4_linear.check_outputs(store, m, spec.K, spec.N, spec.double_quant, r):
+                warnings.warn(f"nf4_linear M={m} K={spec.K} N={spec.N} {spec.weights} r={r}: {problem}",
+                              RuntimeWarning, stacklevel=2)
+
+
+def _check_losses(calls: dict, dtype) -> None:
+    """fastlora's model and PEFT's (without dropout) must give the same loss (``train_step.check_losses``)."""
+    for problem in train_step.check_losses(calls, dtype):
+        warnings.warn(f"train_step: {problem}", RuntimeWarning, stacklevel=2)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     ops = [op.strip() for op in args.ops.split(",") if op.strip()]
@@ -153,14 +193,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm import tqdm
 
-    total = sum(len(OPS[op].specs(device, preset, modes=modes)) if op == "lora_linear"
-                else len(OPS[op].specs(device, preset)) for op in ops)
+    total = sum(len(op_specs(op, device, preset, modes, args.quant)) for op in ops)
     rows: list[dict] = []
     with tqdm(total=total, desc="bench", unit="call", dynamic_ncols=True) as progress:
         for op in ops:
             progress.set_description(op)
             torch.manual_seed(0)
-            rows += run_op(op, device, dtype, env, preset, budget, modes, progress)
+            rows += run_op(op, device, dtype, env, preset, budget, modes, progress, args.quant)
 
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"{env.date}_{env.slug}{'_quick' if args.quick else ''}"

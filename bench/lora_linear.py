@@ -22,7 +22,7 @@ from torch import nn
 
 from bench.common import MODES, Call
 
-__all__ = ["OP", "PROVIDERS", "Inputs", "Spec", "build", "check_same_output", "specs"]
+__all__ = ["OP", "PROVIDERS", "Inputs", "Spec", "build", "check_same_output", "mode_call", "specs"]
 
 OP = "lora_linear"
 PROVIDERS = ("base", "peft", "fastlora")
@@ -174,11 +174,13 @@ def build(spec: Spec, inputs: Inputs) -> Call:
         params = [p for p in module.parameters() if p.requires_grad]  # lora_A, lora_B
         keep = list(module.parameters())
     grads = [x, *params]
-    return _mode_call(spec.mode, layer, x, dy, grads, keep + [x, dy])
+    return mode_call(spec.mode, layer, x, dy, grads, keep + [x, dy])
 
 
-def _mode_call(mode: str, layer, x: torch.Tensor, dy: torch.Tensor, grads: list[torch.Tensor],
-               keep: list[torch.Tensor]) -> Call:
+def mode_call(mode: str, layer, x: torch.Tensor, dy: torch.Tensor, grads: list[torch.Tensor],
+              keep: list[torch.Tensor]) -> Call:
+    """The ``Call`` of one mode (``bench.common.MODES``) of ``layer`` on ``x`` (``dy`` for the backward);
+    ``grads``: the tensors whose ``.grad`` is dropped before each call; ``keep``: alive before it."""
     out_bytes = dy.numel() * dy.element_size()
 
     def reset():

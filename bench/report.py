@@ -52,24 +52,34 @@ def _key(row: dict) -> tuple:
     return (row["op"], row["mode"], row["M"], row["K"], row["N"])
 
 
+# fastlora's provider -> the providers it is compared with (whichever of them the row's op has): PEFT for
+# LoRA; bitsandbytes for the 4-bit matmul; PEFT over bitsandbytes for LoRA over a 4-bit weight (QLoRA).
+RIVALS = {"fastlora": ("peft", "bnb"), "fastlora_qlora": ("peft_bnb",)}
+RIVAL_NAMES = {"peft": "PEFT", "bnb": "bitsandbytes", "peft_bnb": "PEFT+bnb"}
+
+
 def comparisons(rows: list[dict]) -> list[dict]:
-    """One line per (op, mode, shape, r, dropout): base, PEFT and fastlora side by side."""
+    """One line per (op, mode, shape, weights, r, dropout) where fastlora has a rival: base, the rival
+    (``theirs``, named by ``against``) and fastlora (``ours``) side by side."""
     base = {_key(r): r for r in rows if r["provider"] == "base"}
     pairs: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for row in rows:
         if row["provider"] != "base":
-            pairs[(*_key(row), row["r"], row["dropout"])][row["provider"]] = row
+            pairs[(*_key(row), row["dtype"], row["r"], row["dropout"])][row["provider"]] = row
     out = []
-    for (op, mode, m, k, n, r, p), by in pairs.items():
-        ours, theirs, floor = by.get("fastlora"), by.get("peft"), base.get((op, mode, m, k, n))
-        if ours is None or theirs is None:
-            continue
-        out.append(dict(
-            op=op, mode=mode, M=m, K=k, N=n, r=r, dropout=p, base=floor, peft=theirs, fastlora=ours,
-            vs_peft=ours["p50_ms"] / theirs["p50_ms"],
-            slower=ours["p50_ms"] > theirs["p50_ms"],
-            heavier=_more(ours["peak_mb"], theirs["peak_mb"]) or _more(ours["saved_mb"], theirs["saved_mb"]),
-        ))
+    for (op, mode, m, k, n, dtype, r, p), by in pairs.items():
+        for provider, rivals in RIVALS.items():
+            ours = by.get(provider)
+            against = next((rival for rival in rivals if rival in by), None)
+            if ours is None or against is None:
+                continue
+            theirs = by[against]
+            out.append(dict(
+                op=op, mode=mode, M=m, K=k, N=n, dtype=dtype, r=r, dropout=p, base=base.get((op, mode, m, k, n)),
+                theirs=theirs, ours=ours, against=against, vs_theirs=ours["p50_ms"] / theirs["p50_ms"],
+                slower=ours["p50_ms"] > theirs["p50_ms"],
+                heavier=_more(ours["peak_mb"], theirs["peak_mb"]) or _more(ours["saved_mb"], theirs["saved_mb"]),
+            ))
     return out
 
 
@@ -90,38 +100,88 @@ def _mb(x: float) -> str:
     return f"{x:.3g}" if x else "0"
 
 
-def _lora_linear_table(lines: list[dict]) -> list[str]:
+def _lora_linear_table(lines: list[dict], theirs: str = "PEFT", weights: bool = False) -> list[str]:
+    """LoRA layers, fastlora against ``theirs``; ``weights``: a column for the base weight's format."""
+    w_head, w_rule = ("weights | ", "---|") if weights else ("", "")
     out = [
-        "| mode | M | K | N | r | p | base ms | PEFT ms | fastlora ms | PEFT/base | fastlora/base "
-        "| **fastlora/PEFT** | peak MB base / PEFT / fastlora | saved MB PEFT / fastlora | out MB |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        f"| mode | M | K | N | {w_head}r | p | base ms | {theirs} ms | fastlora ms | {theirs}/base | fastlora/base "
+        f"| **fastlora/{theirs}** | peak MB base / {theirs} / fastlora | saved MB {theirs} / fastlora | out MB |",
+        f"|---|--:|--:|--:|{w_rule}--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for c in lines:
-        b, p, f = c["base"], c["peft"], c["fastlora"]
+        b, p, f = c["base"], c["theirs"], c["ours"]
         flag = " !" if c["slower"] else ""
         heavy = " !" if c["heavier"] else ""
+        w_cell = f"{_weights(c['dtype'])} | " if weights else ""
         out.append(
-            f"| {c['mode']} | {c['M']} | {c['K']} | {c['N']} | {c['r']} | {c['dropout']:g} "
+            f"| {c['mode']} | {c['M']} | {c['K']} | {c['N']} | {w_cell}{c['r']} | {c['dropout']:g} "
             f"| {_ms(b['p50_ms']) if b else '-'} | {_ms(p['p50_ms'])} | {_ms(f['p50_ms'])} "
-            f"| {p['ratio_to_base']:.2f} | {f['ratio_to_base']:.2f} | **{c['vs_peft']:.2f}**{flag} "
+            f"| {p['ratio_to_base']:.2f} | {f['ratio_to_base']:.2f} | **{c['vs_theirs']:.2f}**{flag} "
             f"| {_mb(b['peak_mb']) if b else '-'} / {_mb(p['peak_mb'])} / {_mb(f['peak_mb'])}{heavy} "
             f"| {_mb(p['saved_mb'])} / {_mb(f['saved_mb'])} | {_mb(f['out_mb'])} |")
     return out
 
 
-def _train_step_table(rows: list[dict]) -> list[str]:
-    peft = {r["dropout"]: r for r in rows if r["provider"] == "peft"}
+def _weights(dtype: str) -> str:
+    """``nf4`` or ``nf4dq`` from a 4-bit row's dtype (``nf4dq/bfloat16``); the dtype itself otherwise."""
+    return dtype.split("/", 1)[0] if "/" in dtype else dtype
+
+
+NF4_PROVIDERS = ("dequant_matmul", "bnb", "fastlora")
+
+
+def _nf4_linear_tables(rows: list[dict], lines: list[dict]) -> list[str]:
+    """The 4-bit matmul alone (base, dequantize + matmul, bitsandbytes, fastlora), then LoRA over it."""
+    base = {_key(r): r for r in rows if r["provider"] == "base"}
+    by: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for r in rows:
+        if r["provider"] in NF4_PROVIDERS:
+            by[(*_key(r), r["dtype"])][r["provider"]] = r
     out = [
-        "| provider | dropout | tokens | step ms (p20-p80) | tokens/s | ratio to base | ratio to PEFT "
-        "| peak MB | saved MB |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "The 4-bit matmul (no adapter); `fastlora/deq` above 1 means fastlora was slower than dequantizing "
+        "and then calling `F.linear` (marked `!`), `fastlora/bnb` above 1 slower than bitsandbytes.",
+        "",
+        "| mode | M | K | N | weights | base ms | deq+matmul ms | bnb ms | fastlora ms | fastlora/base "
+        "| fastlora/deq | **fastlora/bnb** | peak MB base / deq / bnb / fastlora | saved MB deq / bnb / fastlora |",
+        "|---|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for (op, mode, m, k, n, dtype), got in by.items():
+        b, d, q, f = base.get((op, mode, m, k, n)), got.get("dequant_matmul"), got.get("bnb"), got.get("fastlora")
+        cell = lambda row, key, fmt: fmt(row[key]) if row else "-"  # noqa: E731
+        ratio = lambda row: f"{f['p50_ms'] / row['p50_ms']:.2f}" if row and f else "-"  # noqa: E731
+        deq_flag = " !" if d and f and f["p50_ms"] > d["p50_ms"] else ""
+        bnb_flag = " !" if q and f and f["p50_ms"] > q["p50_ms"] else ""
+        out.append(
+            f"| {mode} | {m} | {k} | {n} | {_weights(dtype)} | {cell(b, 'p50_ms', _ms)} | {cell(d, 'p50_ms', _ms)} "
+            f"| {cell(q, 'p50_ms', _ms)} | {cell(f, 'p50_ms', _ms)} | {cell(f, 'ratio_to_base', '{:.2f}'.format)} "
+            f"| {ratio(d)}{deq_flag} | **{ratio(q)}**{bnb_flag} "
+            f"| {' / '.join(cell(x, 'peak_mb', _mb) for x in (b, d, q, f))} "
+            f"| {' / '.join(cell(x, 'saved_mb', _mb) for x in (d, q, f))} |")
+    qlora = [c for c in lines if c["ours"]["provider"] == "fastlora_qlora"]
+    if qlora:
+        out += ["", "LoRA over the 4-bit weight (QLoRA): PEFT's LoRA over bitsandbytes against fastlora's over "
+                "`LinearNF4`.", ""]
+        out += _lora_linear_table(qlora, theirs="PEFT+bnb", weights=True)
+    return out
+
+
+def _train_step_table(rows: list[dict]) -> list[str]:
+    """One row per provider and dropout; fastlora's rows against their rival's (PEFT, or PEFT +
+    bitsandbytes for QLoRA) of the same model and dropout."""
+    by = {(_key(r), r["provider"], r["dropout"]): r for r in rows}
+    out = [
+        "| provider | weights | dropout | tokens | hidden / MLP | step ms (p20-p80) | tokens/s | ratio to base "
+        "| ratio to PEFT (QLoRA: PEFT+bnb) | peak MB | saved MB |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
-        theirs = peft.get(r["dropout"])
-        vs = f"{r['p50_ms'] / theirs['p50_ms']:.2f}" if theirs and r["provider"] != "base" else "-"
+        rival = next((by[(_key(r), name, r["dropout"])] for name in RIVALS.get(r["provider"], ())
+                      if (_key(r), name, r["dropout"]) in by), None)
+        vs = f"{r['p50_ms'] / rival['p50_ms']:.2f}" if rival else "-"
         p = "-" if r["dropout"] == "" else f"{r['dropout']:g}"
         out.append(
-            f"| {r['provider']} | {p} | {r['M']} | {_ms(r['p50_ms'])} ({_ms(r['p20_ms'])}-{_ms(r['p80_ms'])}) "
+            f"| {r['provider']} | {_weights(r['dtype'])} | {p} | {r['M']} | {r['K']} / {r['N']} "
+            f"| {_ms(r['p50_ms'])} ({_ms(r['p20_ms'])}-{_ms(r['p80_ms'])}) "
             f"| {r['M'] / r['p50_ms'] * 1e3:,.0f} | {r['ratio_to_base']:.2f} | {vs} "
             f"| {_mb(r['peak_mb'])} | {_mb(r['saved_mb'])} |")
     return out
@@ -146,6 +206,8 @@ def write_markdown(rows: list[dict], meta: dict, path: Path) -> str:
         op_lines = [c for c in lines if c["op"] == op]
         if op == "train_step":
             text += _train_step_table([r for r in rows if r["op"] == op])
+        elif op == "nf4_linear":
+            text += _nf4_linear_tables([r for r in rows if r["op"] == op], op_lines)
         else:
             text += _lora_linear_table(op_lines)
         text += ["", _summary(op_lines)]
@@ -155,16 +217,23 @@ def write_markdown(rows: list[dict], meta: dict, path: Path) -> str:
 
 
 def _summary(lines: list[dict]) -> str:
-    if not lines:
-        return ""
-    slower = [c for c in lines if c["slower"]]
-    heavier = [c for c in lines if c["heavier"]]
-    worst = max(lines, key=lambda c: c["vs_peft"])
-    ratios = sorted(c["vs_peft"] for c in lines)
-    return (f"fastlora/PEFT time over {len(lines)} comparisons: median {ratios[len(ratios) // 2]:.2f}, "
-            f"best {ratios[0]:.2f}, worst {worst['vs_peft']:.2f} ({worst['mode']} M={worst['M']} "
-            f"K={worst['K']} N={worst['N']} r={worst['r']} p={worst['dropout']:g}). Slower than PEFT (median) "
-            f"in {len(slower)}; more memory than PEFT (peak or saved, by over 1 KiB) in {len(heavier)}.")
+    """One sentence per rival: fastlora's time over theirs across the comparisons."""
+    out = []
+    for against in dict.fromkeys(c["against"] for c in lines):
+        group = [c for c in lines if c["against"] == against]
+        name = RIVAL_NAMES.get(against, against)
+        slower = [c for c in group if c["slower"]]
+        heavier = [c for c in group if c["heavier"]]
+        worst = max(group, key=lambda c: c["vs_theirs"])
+        ratios = sorted(c["vs_theirs"] for c in group)
+        adapter = "" if worst["r"] == "" else f" r={worst['r']} p={worst['dropout']:g}"
+        adapter += f" {_weights(worst['dtype'])}" if "/" in worst["dtype"] else ""
+        out.append(
+            f"fastlora/{name} time over {len(group)} comparisons: median {ratios[len(ratios) // 2]:.2f}, "
+            f"best {ratios[0]:.2f}, worst {worst['vs_theirs']:.2f} ({worst['mode']} M={worst['M']} "
+            f"K={worst['K']} N={worst['N']}{adapter}). Slower than {name} (median) "
+            f"in {len(slower)}; more memory than {name} (peak or saved, by over 1 KiB) in {len(heavier)}.")
+    return " ".join(out)
 
 
 # ---- README section -------------------------------------------------------------------------------------
@@ -194,8 +263,8 @@ def readme_section(rows: list[dict], meta: dict, source: str) -> str:
         for c in lines:
             groups[(c["mode"], c["dropout"])].append(c)
         for (mode, p), group in groups.items():
-            times = sorted(c["vs_peft"] for c in group)
-            mems = sorted(c["fastlora"]["peak_mb"] / c["peft"]["peak_mb"] for c in group if c["peft"]["peak_mb"])
+            times = sorted(c["vs_theirs"] for c in group)
+            mems = sorted(c["ours"]["peak_mb"] / c["theirs"]["peak_mb"] for c in group if c["theirs"]["peak_mb"])
             slower = [c for c in group if c["slower"]]
             where = ", ".join(sorted({f"M={c['M']}" for c in slower}, key=lambda t: int(t[2:]))) or "none"
             text.append(
@@ -219,7 +288,8 @@ def update_readme(readme: Path, section: str) -> None:
 
 
 # ---- plots ------------------------------------------------------------------------------------------------
-COLORS = {"base": "tab:gray", "peft": "tab:blue", "fastlora": "tab:orange"}
+COLORS = {"base": "tab:gray", "peft": "tab:blue", "fastlora": "tab:orange", "dequant_matmul": "tab:purple",
+          "bnb": "tab:green", "peft_bnb": "tab:cyan", "fastlora_qlora": "tab:red"}
 
 
 def write_plots(rows: list[dict], meta: dict, stem: Path) -> list[Path]:
@@ -231,7 +301,8 @@ def write_plots(rows: list[dict], meta: dict, stem: Path) -> list[Path]:
     paths = []
     for op in dict.fromkeys(r["op"] for r in rows):
         op_rows = [r for r in rows if r["op"] == op]
-        fig = _plot_train_step(plt, op_rows, meta) if op == "train_step" else _plot_lora_linear(plt, op_rows, meta)
+        plot = {"train_step": _plot_train_step, "nf4_linear": _plot_nf4_linear}.get(op, _plot_lora_linear)
+        fig = plot(plt, op_rows, meta)
         path = stem.with_name(f"{stem.name}_{op}.png")
         fig.savefig(path, dpi=80, bbox_inches="tight")
         plt.close(fig)
@@ -273,8 +344,46 @@ def _plot_lora_linear(plt, rows: list[dict], meta: dict):
     return fig
 
 
+def _plot_nf4_linear(plt, rows: list[dict], meta: dict):
+    """Time by shape relative to the dense base matmul, one panel per mode and weight format; the LoRA
+    providers at their smallest rank and dropout 0."""
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    formats = list(dict.fromkeys(_weights(r["dtype"]) for r in rows if "/" in r["dtype"]))
+    ranks = sorted({r["r"] for r in rows if r["r"] != ""})
+    shapes = sorted({(r["K"], r["N"], r["M"]) for r in rows})
+    fig, axes = plt.subplots(len(modes), len(formats), figsize=(max(6.5, 0.55 * len(shapes)) * len(formats),
+                                                                 3.4 * len(modes)), squeeze=False)
+    for i, mode in enumerate(modes):
+        base = {(r["K"], r["N"], r["M"]): r["p50_ms"] for r in rows if r["mode"] == mode and r["provider"] == "base"}
+        labels = [f"{m}x{k}x{n}\n{base[(k, n, m)]:.3g} ms" if (k, n, m) in base else f"{m}x{k}x{n}"
+                  for k, n, m in shapes]
+        for j, fmt in enumerate(formats):
+            ax = axes[i][j]
+            for provider, color in COLORS.items():
+                by_shape = {(r["K"], r["N"], r["M"]): r["ratio_to_base"] for r in rows
+                            if r["mode"] == mode and r["provider"] == provider
+                            and (provider == "base" or _weights(r["dtype"]) == fmt)
+                            and (r["r"] == "" or (r["r"] == ranks[0] and r["dropout"] == 0))}
+                xs = [x for x, s in enumerate(shapes) if s in by_shape]
+                if xs:
+                    ax.plot(xs, [by_shape[shapes[x]] for x in xs], "o-", color=color, label=provider, ms=3, lw=1)
+            ax.set_title(f"{mode}, {fmt}" + (f" (LoRA r={ranks[0]}, dropout 0)" if ranks else ""), fontsize=9)
+            ax.set_ylabel("p50 / dense base p50")
+            ax.set_yscale("log")
+            ax.grid(True, alpha=0.3)
+            ax.set_xticks(range(len(shapes)))
+            ax.set_xticklabels(labels, rotation=70, fontsize=6)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"nf4_linear time relative to the dense base matmul (M x K x N, base ms below), {meta['dtype']}: "
+                 f"{meta['env']['device']}, {meta['env']['date']}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def _plot_train_step(plt, rows: list[dict], meta: dict):
-    labels = [r["provider"] + ("" if r["dropout"] == "" else f"\np={r['dropout']:g}") for r in rows]
+    several = len({r["N"] for r in rows}) > 1  # the CPU QLoRA model's MLP differs (bench/train_step.py)
+    labels = [r["provider"] + ("" if r["dropout"] == "" else f"\np={r['dropout']:g}")
+              + (f"\nMLP {r['N']}" if several else "") for r in rows]
     tokens_per_s = [r["M"] / r["p50_ms"] * 1e3 for r in rows]
     fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 2, 3.5))
     ax.bar(range(len(rows)), tokens_per_s, color=[COLORS.get(r["provider"], "tab:green") for r in rows])
