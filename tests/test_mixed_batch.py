@@ -385,3 +385,13 @@ def test_metadata_is_built_once_per_input_shape_and_shared(pair, monkeypatch):
     layers = sum(isinstance(m, fastlora.LoraLinear) for m in ours.modules())
     assert len(calls) == 3 * layers  # every layer of each of the 3 forwards asks
     assert len(built) == 2  # the prompt's shape and the decode step's shape
+
+
+def test_modules_to_save_is_refused_clearly_rather_than_routed_wrong(tiny_bert_cls):
+    # PEFT routes rows through each adapter's copy of the head; fastlora does not do that yet, and says so
+    # before running anything rather than giving every row the active adapter's head.
+    model = _build(fastlora, tiny_bert_cls(), task_type="SEQ_CLS", targets=["query", "value"],
+                   adapters={"first": dict(r=4, lora_alpha=8)}, modules_to_save=["classifier"])
+    with pytest.raises(NotImplementedError, match="modules_to_save"), torch.no_grad():
+        model(input_ids=_ids(2, 4), adapter_names=["first", "__base__"])
+    assert all(m.mixed_batch is None for m in model.modules() if isinstance(m, fastlora.LoraLinear))
