@@ -24,7 +24,13 @@ from fastlora.injector import (
 )
 from fastlora.layers import AdapterBank, LinearNF4, LoraLinear, ModulesToSaveWrapper
 from fastlora.methods import (
+    AdaLoraConfig,
+    AdaLoraModel,
     AdaptionPromptConfig,
+    IA3Config,
+    IA3Model,
+    LoHaConfig,
+    LoHaModel,
     MultitaskPromptTuningConfig,
     MultitaskPromptTuningInit,
     PrefixTuningConfig,
@@ -81,6 +87,13 @@ __all__ = [
     "MultitaskPromptTuningConfig",
     "MultitaskPromptTuningInit",
     "AdaptionPromptConfig",
+    # IA3, LoHa and AdaLoRA
+    "IA3Config",
+    "IA3Model",
+    "LoHaConfig",
+    "LoHaModel",
+    "AdaLoraConfig",
+    "AdaLoraModel",
     # layers and ops
     "LoraLinear",
     "ModulesToSaveWrapper",

@@ -44,6 +44,13 @@ def _method_hooks(model: nn.Module):
     return tuner if hasattr(type(tuner), "adapter_state_loader") else None
 
 
+def _tuner_hook(model: nn.Module, name: str):
+    """The tuner's optional ``adapter_state_to_save`` / ``adapter_state_to_load(state, adapter_name) -> state``:
+    a method whose saved tensors differ from its live ones (AdaLoRA keeps only the ranks it allocated)."""
+    tuner = getattr(model, "_tuner", model)
+    return getattr(tuner, name) if hasattr(type(tuner), name) else None
+
+
 def _wrapper_prefixes(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, ModulesToSaveWrapper)]
 
@@ -79,6 +86,9 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: dict | None = None, 
             key = f"{layer}.base_layer.bias"
             if key in state_dict:
                 out[key] = state_dict[key]
+    to_save = _tuner_hook(model, "adapter_state_to_save")
+    if to_save is not None:
+        out = to_save(out, adapter_name)
     return {k: v.detach() for k, v in out.items()}
 
 
@@ -88,6 +98,8 @@ def _load_key(key: str, adapter_name: str, wrappers: list[str], prefix: str) -> 
     for i, part in enumerate(parts[:-1]):
         if part.startswith(prefix):
             return ".".join(parts[: i + 1] + [adapter_name] + parts[i + 1 :])
+    if parts[-1].startswith(prefix):  # a tensor held in a ParameterDict (IA3's ``ia3_l``, LoHa's ``hada_w1_a``)
+        return f"{key}.{adapter_name}"
     for wrapper in wrappers:
         if key.startswith(wrapper + "."):
             return f"{wrapper}.{MODULES_TO_SAVE}.{adapter_name}.{key[len(wrapper) + 1:]}"
@@ -101,6 +113,9 @@ def set_peft_model_state_dict(model: nn.Module, peft_state_dict: dict[str, torch
     first; on any mismatch nothing is loaded and the error names the module and both shapes.
     """
     wrappers = _wrapper_prefixes(model)
+    to_load = _tuner_hook(model, "adapter_state_to_load")
+    if to_load is not None:
+        peft_state_dict = to_load(peft_state_dict, adapter_name)
     current = model.state_dict(keep_vars=True)
     hooks = _method_hooks(model)
     load_own = None
@@ -131,7 +146,8 @@ def set_peft_model_state_dict(model: nn.Module, peft_state_dict: dict[str, torch
             )
     owned = [
         k for k in current
-        if (hooks is None and f".{adapter_name}." in k and any(p.startswith(prefix) for p in k.split(".")))
+        if (hooks is None and (f".{adapter_name}." in k or k.endswith(f".{adapter_name}"))
+            and any(p.startswith(prefix) for p in k.split(".")))
         or f".{MODULES_TO_SAVE}.{adapter_name}." in k
     ]
     missing = sorted(k for k in owned if k not in mapped)

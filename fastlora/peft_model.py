@@ -24,7 +24,7 @@ from fastlora.config import PeftConfig, PeftType, TaskType
 from fastlora.injector import LoraModel
 from fastlora.injector.mixed_batch import mixed_adapter_batch
 from fastlora.layers import LinearNF4
-from fastlora.methods import PROMPT_ENCODERS, AdaptionPromptModel, PromptLearner
+from fastlora.methods import PROMPT_ENCODERS, TUNERS, AdaptionPromptModel, PromptLearner
 
 __all__ = [
     "PeftModel",
@@ -44,6 +44,8 @@ PEFT_TYPE_TO_TUNER_MAPPING[PeftType.ADAPTION_PROMPT] = AdaptionPromptModel
 # Prompt learning keeps PEFT's layout: base_model is the transformers model itself and the encoders
 # sit beside it in ``prompt_encoder`` (a PromptLearner, which also plays the tuner's part).
 PEFT_TYPE_TO_TUNER_MAPPING.update(dict.fromkeys(PROMPT_ENCODERS, PromptLearner))
+# IA3, LoHa, AdaLoRA, ...: each method registers its tuner (fastlora.methods.tuner.register_tuner).
+PEFT_TYPE_TO_TUNER_MAPPING.update(TUNERS)
 
 
 class PeftModel(nn.Module):
@@ -227,7 +229,8 @@ class PeftModel(nn.Module):
             raise
         if is_trainable:  # trainable even while inactive, as in PEFT
             for name, param in self.named_parameters():
-                if f".{adapter_name}." in name:
+                # ``....lora_A.<name>.weight``, or ``....ia3_l.<name>`` for a tensor held in a ParameterDict
+                if f".{adapter_name}." in name or (name.endswith(f".{adapter_name}") and ".ranknum." not in name):
                     param.requires_grad_(True)
         else:
             self.eval()

@@ -6,7 +6,7 @@ heads, ``model_type``); the layers it installs know nothing of it.
 
 from __future__ import annotations
 
-import dataclasses
+import types
 import warnings
 from collections.abc import Iterator
 
@@ -19,17 +19,29 @@ from fastlora.layers import LinearNF4, LoraLinear, ModulesToSaveWrapper
 
 __all__ = [
     "ADAPTER_LAYERS",
+    "register_adapter_layer",
     "conv1d_class",
     "iter_modules",
     "resolve_target_modules",
+    "select_targets",
     "inject_lora",
     "wrap_modules_to_save",
     "replace_module",
     "unload_modules",
 ]
 
-# Layers that hold adapters: the walk does not descend into them and undo swaps them back.
+# Layers that hold adapters: the walk does not descend into them and undo swaps them back. Methods
+# beside LoRA (fastlora.methods) add their layers with ``register_adapter_layer``.
 ADAPTER_LAYERS: tuple[type[nn.Module], ...] = (LoraLinear, ModulesToSaveWrapper)
+
+
+def register_adapter_layer(cls: type[nn.Module]) -> type[nn.Module]:
+    """Class decorator: ``cls`` wraps a ``base_layer`` and holds adapters. The walk does not descend into it,
+    and ``unload_modules`` merges it (``cls.merge``) and puts its ``base_layer`` back."""
+    global ADAPTER_LAYERS
+    if cls not in ADAPTER_LAYERS:
+        ADAPTER_LAYERS = (*ADAPTER_LAYERS, cls)
+    return cls
 
 
 def conv1d_class() -> type[nn.Module] | None:
@@ -77,22 +89,24 @@ def _head_names(model: nn.Module, config) -> set[str]:
     return {key for key, module in model.named_modules() if any(module is head for head in heads)}
 
 
-def resolve_target_modules(model: nn.Module, config) -> list[str] | str:
-    """``config.target_modules``, or the default for the model type, with "all-linear" expanded to names."""
+def resolve_target_modules(model: nn.Module, config, defaults: dict[str, list[str]] = LORA_TARGET_MODULES,
+                           adapter_layer: type[nn.Module] = LoraLinear) -> list[str] | str:
+    """``config.target_modules``, or the method's ``defaults`` for the model type, with "all-linear" expanded
+    to names (layers already holding the method's adapters, ``adapter_layer``, included)."""
     targets = config.target_modules
     if targets is None:
         model_type = _model_type(model)
-        if model_type not in LORA_TARGET_MODULES:
+        if model_type not in defaults:
             raise ValueError(
                 f"target_modules is not set and model_type {model_type!r} has no default targets; "
-                f"pass target_modules (models with defaults: {', '.join(sorted(LORA_TARGET_MODULES))})"
+                f"pass target_modules (models with defaults: {', '.join(sorted(defaults))})"
             )
-        return list(LORA_TARGET_MODULES[model_type])
+        return list(defaults[model_type])
     if isinstance(targets, str) and targets.lower() == "all-linear":
         linear = _linear_classes()
         heads = _head_names(model, config)
         names = {key for key, module in iter_modules(model) if isinstance(module, linear) and key not in heads}
-        names |= {key for key, module in iter_modules(model) if isinstance(module, LoraLinear)}
+        names |= {key for key, module in iter_modules(model) if isinstance(module, adapter_layer)}
         return sorted(names)
     return targets
 
@@ -103,7 +117,9 @@ def _within(key: str, names: list[str]) -> bool:
     return any(names_match(".".join(parts[:i]), names) for i in range(1, len(parts) + 1))
 
 
-def _fit_fan_in_fan_out(module: nn.Module, config, key: str) -> bool:
+def fit_fan_in_fan_out(module: nn.Module, config, key: str) -> bool:
+    """Whether ``module`` stores its weight ``[in, out]`` (GPT-2's Conv1D); warns when ``config.fan_in_fan_out``
+    says otherwise, and the module's layout wins (as in PEFT)."""
     conv1d = conv1d_class()
     is_conv1d = conv1d is not None and isinstance(module, conv1d)
     if is_conv1d and not config.fan_in_fan_out:
@@ -113,31 +129,50 @@ def _fit_fan_in_fan_out(module: nn.Module, config, key: str) -> bool:
     return is_conv1d
 
 
+def select_targets(model: nn.Module, config, *, defaults: dict[str, list[str]] = LORA_TARGET_MODULES,
+                   adapter_layer: type[nn.Module] = LoraLinear, wrappable: tuple[type[nn.Module], ...] | None = None,
+                   method: str = "LoRA", wraps: str = "nn.Linear and Conv1D layers") -> list[tuple[str, nn.Module]]:
+    """The ``(name, module)`` pairs ``config`` targets for a method whose layer is ``adapter_layer``: modules
+    of the ``wrappable`` types (default: the linear layers) or ``adapter_layer``s already there. Raises,
+    naming ``method`` and what it ``wraps``, when the targets match nothing or a module it cannot wrap.
+    Reads ``config``'s target_modules, exclude_modules, layers_to_transform, layers_pattern and
+    modules_to_save (absent fields count as None); changes nothing.
+    """
+    targets = resolve_target_modules(model, config, defaults, adapter_layer)
+    linear = _linear_classes()
+    wrappable = linear if wrappable is None else wrappable
+    layers_to_transform = getattr(config, "layers_to_transform", None)
+    exclude_modules = getattr(config, "exclude_modules", None)
+    modules_to_save = getattr(config, "modules_to_save", None)
+    resolved = types.SimpleNamespace(target_modules=targets, exclude_modules=exclude_modules,
+                                     layers_to_transform=layers_to_transform,
+                                     layers_pattern=getattr(config, "layers_pattern", None))
+    selected, unsupported = [], []
+    for key, module in iter_modules(model):
+        if isinstance(module, ModulesToSaveWrapper) or is_excluded(key, resolved) or not matches_target(key, resolved):
+            continue
+        if modules_to_save and _within(key, modules_to_save):
+            continue  # trained whole as a modules_to_save copy, as in PEFT
+        (selected if isinstance(module, (adapter_layer, *wrappable)) else unsupported).append((key, module))
+    if unsupported:
+        kinds = ", ".join(f"{key} ({type(module).__name__})" for key, module in unsupported[:5])
+        raise ValueError(f"target modules {kinds} are not supported: {method} wraps {wraps}")
+    if not selected:
+        candidates = sorted({key.rpartition(".")[2] for key, m in iter_modules(model) if isinstance(m, linear)})
+        raise ValueError(
+            f"target_modules {targets!r} matched no module of the model (model_type={_model_type(model)!r}, "
+            f"layers_to_transform={layers_to_transform!r}, exclude_modules={exclude_modules!r}); "
+            f"its linear layers are named: {', '.join(candidates) or 'none'}"
+        )
+    return selected
+
+
 def inject_lora(model: nn.Module, config, adapter_name: str, autocast_adapter_dtype: bool = True) -> list[str]:
     """Swap every module ``config`` targets for a ``LoraLinear`` (or add ``adapter_name`` to one already
     there). Returns the swapped module names. Raises before changing anything when the targets match
     nothing or match a module type LoRA cannot wrap.
     """
-    targets = resolve_target_modules(model, config)
-    linear = _linear_classes()
-    resolved = dataclasses.replace(config, target_modules=targets)
-    selected, unsupported = [], []
-    for key, module in iter_modules(model):
-        if isinstance(module, ModulesToSaveWrapper) or is_excluded(key, resolved) or not matches_target(key, resolved):
-            continue
-        if config.modules_to_save and _within(key, config.modules_to_save):
-            continue  # trained whole as a modules_to_save copy, as in PEFT
-        (selected if isinstance(module, (LoraLinear, *linear)) else unsupported).append((key, module))
-    if unsupported:
-        kinds = ", ".join(f"{key} ({type(module).__name__})" for key, module in unsupported[:5])
-        raise ValueError(f"target modules {kinds} are not supported: LoRA wraps nn.Linear and Conv1D layers")
-    if not selected:
-        candidates = sorted({key.rpartition(".")[2] for key, m in iter_modules(model) if isinstance(m, linear)})
-        raise ValueError(
-            f"target_modules {targets!r} matched no module of the model (model_type={_model_type(model)!r}, "
-            f"layers_to_transform={config.layers_to_transform!r}, exclude_modules={config.exclude_modules!r}); "
-            f"its linear layers are named: {', '.join(candidates) or 'none'}"
-        )
+    selected = select_targets(model, config)
     for key, module in selected:
         r = pattern_value(key, config.rank_pattern, config.r)
         alpha = pattern_value(key, config.alpha_pattern, config.lora_alpha)
@@ -147,8 +182,8 @@ def inject_lora(model: nn.Module, config, adapter_name: str, autocast_adapter_dt
                 adapter_name, r, alpha, config.lora_dropout, config.init_lora_weights, config.use_rslora, dtype
             )
             continue
-        fan_in_fan_out = _fit_fan_in_fan_out(module, config, key)
-        adapter_dtype = None if not autocast_adapter_dtype else _upcast(module.weight.dtype)
+        fan_in_fan_out = fit_fan_in_fan_out(module, config, key)
+        adapter_dtype = None if not autocast_adapter_dtype else upcast_dtype(module.weight.dtype)
         new = LoraLinear(
             module,
             adapter_name,
@@ -165,7 +200,7 @@ def inject_lora(model: nn.Module, config, adapter_name: str, autocast_adapter_dt
     return [key for key, _ in selected]
 
 
-def _upcast(dtype: torch.dtype) -> torch.dtype:
+def upcast_dtype(dtype: torch.dtype) -> torch.dtype:
     # PEFT's autocast_adapter_dtype: 16-bit bases get fp32 adapters (stable optimizer updates).
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
@@ -200,6 +235,8 @@ def unload_modules(model: nn.Module, merge: bool, safe_merge: bool = False, adap
         for key, module in layers:
             if isinstance(module, LoraLinear):
                 _check_finite_merge(key, module, adapter_names)
+            elif not isinstance(module, ModulesToSaveWrapper):  # another method's layer: it knows its own merge
+                module.check_merge(key, adapter_names)
     for key, module in layers:
         if isinstance(module, LoraLinear):
             if merge and isinstance(module.base_layer, LinearNF4) and not requantize:
@@ -208,8 +245,12 @@ def unload_modules(model: nn.Module, merge: bool, safe_merge: bool = False, adap
             if merge:
                 module.merge(adapter_names=adapter_names)
             replace_module(model, key, module.base_layer)
-        else:
+        elif isinstance(module, ModulesToSaveWrapper):
             replace_module(model, key, module._current())
+        else:
+            if merge:
+                module.merge(adapter_names=adapter_names)
+            replace_module(model, key, module.base_layer)
     return model
 
 

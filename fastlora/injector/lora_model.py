@@ -148,7 +148,10 @@ class LoraModel(nn.Module):
         self._remove_adapter(adapter_name)
         del self.peft_config[adapter_name]
         remaining = [n for n in self.active_adapters if n != adapter_name] or sorted(self.peft_config)[:1]
-        self.active_adapter = (remaining[0] if len(remaining) == 1 else remaining) if remaining else []
+        if remaining:  # every layer, also those that never held the deleted adapter, runs the remaining ones
+            self.set_adapter(remaining)
+        else:
+            self.active_adapter = []
 
     # ---- merging ----------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:

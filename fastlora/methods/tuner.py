@@ -1,0 +1,374 @@
+"""The machinery IA3, LoHa and AdaLoRA share: a layer base with PEFT's multi-adapter bookkeeping and a
+tuner base (PEFT's ``BaseTuner``) that injects through the injector's generic ``select_targets``.
+
+A method defines its config, its layer (a subclass of ``AdapterLayer`` whose adapters live in
+``nn.ParameterDict``s named by ``adapter_layer_names``, as in PEFT, so state-dict keys match) and its
+tuner (a subclass of ``AdapterTuner`` naming the config, the layer, the default-target table and how
+to build a layer), then registers the tuner with ``register_tuner``; ``PeftModel`` finds it in ``TUNERS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from fastlora.config import PeftConfig, PeftType
+from fastlora.injector.inject import (
+    conv1d_class,
+    iter_modules,
+    register_adapter_layer,
+    replace_module,
+    select_targets,
+    unload_modules,
+    upcast_dtype,
+    wrap_modules_to_save,
+)
+from fastlora.layers import ModulesToSaveWrapper
+
+__all__ = ["AdapterLayer", "AdapterTuner", "TUNERS", "register_tuner"]
+
+# peft_type -> tuner class, filled by ``register_tuner``; peft_model.py merges it into its mapping.
+TUNERS: dict[PeftType, type[AdapterTuner]] = {}
+
+
+def register_tuner(cls: type[AdapterTuner]) -> type[AdapterTuner]:
+    """Class decorator: make ``cls`` the tuner of its config's peft_type, and its layer known to the injector."""
+    TUNERS[cls.config_cls.PEFT_TYPE] = cls
+    register_adapter_layer(cls.layer_cls)
+    return cls
+
+
+def names_adapter(param_name: str, adapter_name: str) -> bool:
+    """Whether a parameter name belongs to ``adapter_name`` (``...ia3_l.<name>`` or ``...lora_A.<name>.weight``)."""
+    return f".{adapter_name}." in param_name or param_name.endswith(f".{adapter_name}")
+
+
+class AdapterLayer(nn.Module):
+    """A frozen linear ``base_layer`` plus adapters kept in ParameterDicts (``adapter_layer_names``).
+
+    Subclasses implement ``update_layer``, ``forward`` and, for an additive update, ``get_delta_weight``
+    (fp32, ``[out, in]``); merging, multiple adapters, disabling and deleting are handled here.
+    """
+
+    adapter_layer_names: ClassVar[tuple[str, ...]] = ()
+    # Per-adapter plain dicts (or ParameterDicts of frozen tensors) that deleting an adapter also clears.
+    other_param_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, fan_in_fan_out: bool = False):
+        super().__init__()
+        self.base_layer = base_layer
+        self.fan_in_fan_out = fan_in_fan_out
+        weight = base_layer.weight
+        self.in_features, self.out_features = weight.shape if fan_in_fan_out else weight.shape[::-1]
+        self.merged_adapters: list[str] = []
+        self._active_adapters: list[str] = [adapter_name]
+        self._disable_adapters = False
+
+    # ---- adapters -------------------------------------------------------------------------------
+    @property
+    def adapters(self) -> list[str]:
+        return list(getattr(self, self.adapter_layer_names[0]))
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapters)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self._active_adapters[0] if len(self._active_adapters) == 1 else list(self._active_adapters)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def _active(self) -> list[str]:
+        """The active adapters this layer holds (a layer may lack an adapter that targets other modules)."""
+        held = getattr(self, self.adapter_layer_names[0])
+        return [name for name in self._active_adapters if name in held]
+
+    def _adapter_dtype(self, adapter_dtype: torch.dtype | None) -> torch.dtype:
+        dtype = adapter_dtype or self.base_layer.weight.dtype
+        return dtype if dtype.is_floating_point else torch.float32
+
+    def set_adapter(self, adapter_names: str | Iterable[str]) -> None:
+        """Make ``adapter_names`` active and trainable; every other adapter is frozen."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for table in self.adapter_layer_names:
+            for name, param in getattr(self, table).items():
+                param.requires_grad_(name in names)
+        self._active_adapters = names
+
+    def enable_adapters(self, enabled: bool) -> None:
+        if not enabled and self.merged:
+            self.unmerge()
+        self._disable_adapters = not enabled
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is merged into the base weights; unmerge it first")
+        for table in self.adapter_layer_names + self.other_param_names:
+            held = getattr(self, table)
+            if adapter_name in held:
+                del held[adapter_name]
+        remaining = [name for name in self._active_adapters if name != adapter_name]
+        if not remaining and self.adapters:
+            remaining = [self.adapters[0]]
+        self.set_adapter(remaining)
+
+    def get_base_layer(self) -> nn.Module:
+        return self.base_layer
+
+    def _base_weight(self) -> torch.Tensor:
+        weight = self.base_layer.weight
+        return weight.t() if self.fan_in_fan_out else weight  # Conv1D's [in, out] as a view, never a copy
+
+    # ---- merging (additive updates; IA3 overrides) -----------------------------------------------
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _to_merge(self, adapter_names: Iterable[str] | None) -> list[str]:
+        names = self._active_adapters if adapter_names is None else list(adapter_names)
+        held = getattr(self, self.adapter_layer_names[0])
+        return [name for name in dict.fromkeys(names) if name in held and name not in self.merged_adapters]
+
+    def _layout(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta.t() if self.fan_in_fan_out else delta
+
+    def merged_weight(self, adapter_names: Iterable[str] | None = None) -> torch.Tensor:
+        """The base weight with ``adapter_names`` merged, in fp32, laid out like the base weight."""
+        weight = self.base_layer.weight.float()
+        for name in self._to_merge(adapter_names):
+            weight = weight + self._layout(self.get_delta_weight(name))
+        return weight
+
+    def check_merge(self, key: str, adapter_names: Iterable[str] | None = None) -> None:
+        """Raise when merging would put NaN or Inf into the base weights (checked in their own dtype)."""
+        if not torch.isfinite(self.merged_weight(adapter_names).to(self.base_layer.weight.dtype)).all():
+            raise ValueError(f"merging into {key} would put NaN or Inf into its weights; nothing was merged")
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False, adapter_names: Iterable[str] | None = None) -> None:
+        """Fold adapters into the base weight (in fp32, then cast back to the weight's dtype)."""
+        names = self._to_merge(adapter_names)
+        if safe_merge:
+            self.check_merge(type(self).__name__, names)
+        weight = self.base_layer.weight
+        for name in names:
+            weight.copy_((weight.float() + self._layout(self.get_delta_weight(name))).to(weight.dtype))
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        weight = self.base_layer.weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            weight.copy_((weight.float() - self._layout(self.get_delta_weight(name))).to(weight.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, adapters={self.adapters}"
+
+
+class AdapterTuner(nn.Module):
+    """PEFT's tuner for one method: ``.model`` is the transformers model, ``.peft_config`` maps adapter
+    names to configs, and the adapter API (``set_adapter``, ``merge_and_unload``, ...) is PEFT's."""
+
+    prefix: ClassVar[str]
+    config_cls: ClassVar[type[PeftConfig]]
+    layer_cls: ClassVar[type[AdapterLayer]]
+    default_targets: ClassVar[dict[str, list[str]]]
+    method: ClassVar[str]
+    wraps: ClassVar[str] = "nn.Linear and Conv1D layers"
+
+    def __init__(self, model: nn.Module, config: PeftConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True):
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, PeftConfig] = {}
+        self.active_adapter: str | list[str] = adapter_name
+        self.inject_adapter(config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def forward(self, *args, **kwargs):
+        if kwargs.get("adapter_names") is not None:
+            raise NotImplementedError(f"mixed-adapter batches (adapter_names) are not supported for {self.method}")
+        kwargs.pop("adapter_names", None)
+        return self.model(*args, **kwargs)
+
+    # ---- what a method defines ---------------------------------------------------------------------
+    def _wrappable(self) -> tuple[type[nn.Module], ...]:
+        conv1d = conv1d_class()
+        return (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
+
+    def _prepare_config(self, config: PeftConfig) -> dict[str, Any]:
+        """Checks of ``config`` against the model, before anything changes; returns what ``_create`` needs."""
+        return {}
+
+    def _create(self, key: str, module: nn.Module, config, adapter_name: str, adapter_dtype, prepared) -> AdapterLayer:
+        raise NotImplementedError
+
+    def _update(self, key: str, layer: AdapterLayer, config, adapter_name: str, prepared) -> None:
+        raise NotImplementedError
+
+    # ---- adapters ---------------------------------------------------------------------------------
+    def _layers(self) -> list[nn.Module]:
+        return [m for _, m in iter_modules(self.model) if isinstance(m, (self.layer_cls, ModulesToSaveWrapper))]
+
+    def inject_adapter(self, config: PeftConfig, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """Add ``adapter_name``; every check runs before the first module is swapped, and on any error
+        the model is left as it was."""
+        if not isinstance(config, self.config_cls):
+            raise TypeError(f"{type(self).__name__} takes a {self.config_cls.__name__}, got {type(config).__name__}")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists")
+        self._check_new_adapter(config)
+        prepared = self._prepare_config(config)
+        selected = select_targets(self.model, config, defaults=self.default_targets, adapter_layer=self.layer_cls,
+                                  wrappable=self._wrappable(), method=self.method, wraps=self.wraps)
+        try:
+            for key, module in selected:
+                if isinstance(module, self.layer_cls):
+                    self._update(key, module, config, adapter_name, prepared)
+                    continue
+                dtype = upcast_dtype(module.weight.dtype) if autocast_adapter_dtype else None
+                new = self._create(key, module, config, adapter_name, dtype, prepared)
+                new.train(module.training)
+                replace_module(self.model, key, new)
+            if config.modules_to_save:
+                wrap_modules_to_save(self.model, list(config.modules_to_save), adapter_name)
+        except Exception:
+            self._remove_adapter(adapter_name)
+            raise
+        self.peft_config[adapter_name] = config
+        self.set_adapter(self.active_adapters)
+        self._mark_only_adapters_as_trainable()
+        if config.inference_mode:
+            self._freeze_adapter(adapter_name)
+
+    def _check_new_adapter(self, config: PeftConfig) -> None:
+        """Conflicts with the adapters already there (PEFT: one adapter with a trained bias at most)."""
+        if getattr(config, "bias", "none") != "none" and any(
+            getattr(c, "bias", "none") != "none" for c in self.peft_config.values()
+        ):
+            raise ValueError(f"{type(self).__name__} supports only 1 adapter with bias; set bias='none' for the others")
+
+    def _mark_only_adapters_as_trainable(self) -> None:
+        """Freeze everything but adapter tensors, the biases ``bias`` asks for and modules_to_save copies."""
+        for name, param in self.model.named_parameters():
+            if self.prefix not in name and ".modules_to_save." not in name:
+                param.requires_grad_(False)
+        for adapter in self.active_adapters:
+            bias = getattr(self.peft_config.get(adapter), "bias", "none")
+            if bias == "all":
+                for name, param in self.model.named_parameters():
+                    if name.endswith("bias") and ".original_module." not in name:
+                        param.requires_grad_(True)
+            elif bias != "none":  # "lora_only": the biases of the layers this adapter adapts
+                for layer in self._layers():
+                    if isinstance(layer, self.layer_cls) and adapter in layer.adapters \
+                            and layer.base_layer.bias is not None:
+                        layer.base_layer.bias.requires_grad_(True)
+
+    def _freeze_adapter(self, adapter_name: str) -> None:
+        for name, param in self.model.named_parameters():
+            if names_adapter(name, adapter_name) and (self.prefix in name or ".modules_to_save." in name):
+                param.requires_grad_(False)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter] if isinstance(self.active_adapter, str) else list(self.active_adapter)
+
+    def set_adapter(self, adapter_name: str | Iterable[str]) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"unknown adapter {unknown[0]!r}; adapters: {sorted(self.peft_config)}")
+        for layer in self._layers():
+            if isinstance(layer, ModulesToSaveWrapper):
+                layer.set_adapter([n for n in names if n in layer.modules_to_save] or layer.active_adapter)
+            else:
+                if layer.merged:
+                    layer.unmerge()
+                layer.set_adapter(names)
+        self.active_adapter = names[0] if len(names) == 1 else names
+
+    def enable_adapter_layers(self) -> None:
+        for layer in self._layers():
+            layer.enable_adapters(True)
+
+    def disable_adapter_layers(self) -> None:
+        for layer in self._layers():
+            layer.enable_adapters(False)
+
+    def _remove_adapter(self, adapter_name: str) -> None:
+        """Drop ``adapter_name`` from every layer; layers left with no adapter become their base again."""
+        for key, layer in list(iter_modules(self.model)):
+            if isinstance(layer, self.layer_cls) and adapter_name in layer.adapters:
+                layer.delete_adapter(adapter_name)
+                if not layer.adapters:
+                    replace_module(self.model, key, layer.base_layer)
+            elif isinstance(layer, ModulesToSaveWrapper) and adapter_name in layer.modules_to_save:
+                layer.delete_adapter(adapter_name)
+                if not layer.modules_to_save:
+                    replace_module(self.model, key, layer.original_module)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {sorted(self.peft_config)}")
+        merged = [key for key, layer in iter_modules(self.model)
+                  if isinstance(layer, self.layer_cls) and adapter_name in layer.merged_adapters]
+        if merged:
+            raise ValueError(f"adapter {adapter_name!r} is merged into {merged[0]} (and maybe more); unmerge it first")
+        self._remove_adapter(adapter_name)
+        del self.peft_config[adapter_name]
+        remaining = [n for n in self.active_adapters if n != adapter_name] or sorted(self.peft_config)[:1]
+        if remaining:  # every layer, also those that never held the deleted adapter, runs the remaining ones
+            self.set_adapter(remaining)
+        else:
+            self.active_adapter = []
+
+    # ---- merging ----------------------------------------------------------------------------------
+    def _adapter_layers(self) -> list[tuple[str, AdapterLayer]]:
+        return [(key, m) for key, m in iter_modules(self.model) if isinstance(m, self.layer_cls)]
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        self._check_names(adapter_names)
+        layers = self._adapter_layers()
+        if safe_merge:  # every layer is checked before any base weight changes
+            for key, layer in layers:
+                layer.check_merge(key, adapter_names)
+        for _, layer in layers:
+            layer.merge(adapter_names=adapter_names)
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self._adapter_layers():
+            layer.unmerge()
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: list[str] | None = None) -> nn.Module:
+        """Fold the adapters into the base weights and return the plain transformers model."""
+        self._check_names(adapter_names)
+        return unload_modules(self.model, merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Take every adapter out (unmerged) and return the plain transformers model."""
+        self.unmerge_adapter()
+        return unload_modules(self.model, merge=False)
+
+    def _check_names(self, adapter_names) -> None:
+        for name in adapter_names or []:
+            if name not in self.peft_config:
+                raise ValueError(f"unknown adapter {name!r}; adapters: {sorted(self.peft_config)}")
