@@ -161,8 +161,9 @@ class LoHaLinear(AdapterLayer):
         return keep / mean if mean > 0 else keep
 
     def _skipped(self, name: str) -> bool:
-        p = self.module_dropout[name]
-        return self.training and p > 0.0 and bool(torch.rand(1) <= p)
+        # One draw per adapter per training forward, even at p = 0, as PEFT does: a seeded run then sees the
+        # same random stream (the base model's dropout masks) in both libraries.
+        return self.training and bool(torch.rand(1) <= self.module_dropout[name])
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         names = [name for name in self._active() if not self._skipped(name)]

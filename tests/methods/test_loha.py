@@ -1,0 +1,263 @@
+"""LoHa against the real PEFT on config-built Llama (GQA) and BERT: names, counts, outputs, gradients,
+merging, checkpoints both ways, rank/alpha patterns and several adapters. Both of fastlora's forward
+forms are covered: r=2 takes the rank-r^2 LoRA form on the [32, 32] projections, r=4 the merged
+weight. GPT-2's Conv1D is refused, as PEFT refuses it."""
+
+from __future__ import annotations
+
+import copy
+
+import peft
+import pytest
+import torch
+from safetensors import safe_open
+
+import fastlora
+from fastlora.methods import loha as loha_module
+from fastlora.methods.loha import LoHaLinear
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+CASES = {
+    "llama-r2": dict(factory="tiny_llama", task_type="CAUSAL_LM",
+                     kwargs=dict(r=2, alpha=4, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "llama-r4": dict(factory="tiny_llama", task_type="CAUSAL_LM",
+                     kwargs=dict(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "bert-seqcls": dict(factory="tiny_bert_cls", task_type="SEQ_CLS",
+                        kwargs=dict(r=2, alpha=2, target_modules=["query", "value"], modules_to_save=["classifier"])),
+    "llama-patterns": dict(factory="tiny_llama", task_type="CAUSAL_LM",
+                           kwargs=dict(r=2, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 3},
+                                       alpha_pattern={"layers.1.self_attn.q_proj": 5})),
+}
+
+
+@pytest.fixture(params=list(CASES), ids=list(CASES))
+def case(request):
+    spec = CASES[request.param]
+    return dict(name=request.param, base=request.getfixturevalue(spec["factory"])().eval(), **spec)
+
+
+def _configs(case, **overrides):
+    kwargs = dict(task_type=case["task_type"], **case["kwargs"])
+    kwargs.update(overrides)
+    return fastlora.LoHaConfig(**kwargs), peft.LoHaConfig(**kwargs)
+
+
+def _batch(model, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(2, model.config.vocab_size, (2, 7), generator=gen)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :2] = 0
+    return dict(input_ids=input_ids, attention_mask=attention_mask)
+
+
+@torch.no_grad()
+def _out(model, batch) -> torch.Tensor:
+    return model(**batch).logits
+
+
+@torch.no_grad()
+def _perturb(model, seed: int = 1) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for _, param in sorted(model.named_parameters()):
+        if param.requires_grad:
+            param.add_(torch.randn(param.shape, generator=gen, dtype=param.dtype) * 0.3)
+
+
+def _pair(case, **overrides):
+    fl_config, pf_config = _configs(case, **overrides)
+    pf_model = peft.get_peft_model(copy.deepcopy(case["base"]), pf_config)
+    fl_model = fastlora.get_peft_model(copy.deepcopy(case["base"]), fl_config)
+    _perturb(pf_model)
+    fl_model.load_state_dict(pf_model.state_dict())
+    return fl_model.eval(), pf_model.eval()
+
+
+def _saved_keys(folder) -> set[str]:
+    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as fh:
+        return set(fh.keys())
+
+
+def test_names_trainable_set_and_printout_match_peft(case, capsys):
+    fl_config, pf_config = _configs(case)
+    fl_model = fastlora.get_peft_model(copy.deepcopy(case["base"]), fl_config)
+    pf_model = peft.get_peft_model(copy.deepcopy(case["base"]), pf_config)
+    assert list(fl_model.state_dict()) == list(pf_model.state_dict())
+    trainable = lambda m: [n for n, p in m.named_parameters() if p.requires_grad]  # noqa: E731
+    assert trainable(fl_model) == trainable(pf_model)
+    fl_model.print_trainable_parameters()
+    pf_model.print_trainable_parameters()
+    fl_text, pf_text = capsys.readouterr().out.splitlines()
+    assert fl_text == pf_text
+    pf_layers = {n: (m.r, m.scaling) for n, m in pf_model.named_modules() if hasattr(m, "hada_w1_a")}
+    fl_layers = {n: (m.r, m.scaling) for n, m in fl_model.named_modules() if isinstance(m, LoHaLinear)}
+    assert fl_layers == pf_layers
+
+
+def test_fresh_adapter_is_the_identity(case):
+    fl_model = fastlora.get_peft_model(copy.deepcopy(case["base"]), _configs(case)[0]).eval()
+    batch = _batch(case["base"])
+    torch.testing.assert_close(_out(fl_model, batch), _out(case["base"], batch), **TOL)
+
+
+def test_outputs_and_gradients_match_peft(case):
+    fl_model, pf_model = _pair(case)
+    batch = _batch(case["base"])
+    fl_out = _out(fl_model, batch)
+    assert not torch.allclose(fl_out, _out(case["base"], batch), **TOL)
+    torch.testing.assert_close(fl_out, _out(pf_model, batch), **TOL)
+    for model in (fl_model, pf_model):
+        model.train()
+        torch.manual_seed(0)
+        model(**batch).logits.pow(2).mean().backward()
+    pf_grads = {n: p.grad for n, p in pf_model.named_parameters() if p.requires_grad}
+    fl_grads = {n: p.grad for n, p in fl_model.named_parameters() if p.requires_grad}
+    assert fl_grads.keys() == pf_grads.keys()
+    for name, grad in fl_grads.items():
+        torch.testing.assert_close(grad, pf_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("writer", ["fastlora", "peft"])
+def test_checkpoints_load_both_ways(case, writer, tmp_path):
+    fl_model, pf_model = _pair(case)
+    batch = _batch(case["base"])
+    fl_model.save_pretrained(tmp_path / "fastlora")
+    pf_model.save_pretrained(tmp_path / "peft")
+    keys = _saved_keys(tmp_path / "fastlora")
+    assert keys == _saved_keys(tmp_path / "peft")
+    assert {k.rpartition(".")[2] for k in keys if ".hada_" in k} == {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}
+    reader = peft if writer == "fastlora" else fastlora
+    loaded = reader.PeftModel.from_pretrained(copy.deepcopy(case["base"]), tmp_path / writer).eval()
+    torch.testing.assert_close(_out(loaded, batch), _out(pf_model, batch), **TOL)
+
+
+@pytest.mark.parametrize("safe_merge", [False, True], ids=["merge", "safe_merge"])
+def test_merge_and_unload_matches_peft(case, safe_merge):
+    fl_model, pf_model = _pair(case)
+    batch = _batch(case["base"])
+    unmerged = _out(fl_model, batch)
+    fl_merged = fl_model.merge_and_unload(safe_merge=safe_merge)
+    pf_merged = pf_model.merge_and_unload(safe_merge=safe_merge)
+    assert list(fl_merged.state_dict()) == list(case["base"].state_dict())
+    torch.testing.assert_close(_out(fl_merged, batch), unmerged, **TOL)
+    pf_state = pf_merged.state_dict()
+    for name, tensor in fl_merged.state_dict().items():
+        torch.testing.assert_close(tensor, pf_state[name], **TOL, msg=name)
+
+
+def test_merge_adapter_then_unmerge(case):
+    fl_model, _ = _pair(case)
+    batch = _batch(case["base"])
+    unmerged = _out(fl_model, batch)
+    fl_model.merge_adapter()
+    torch.testing.assert_close(_out(fl_model, batch), unmerged, **TOL)
+    fl_model.unmerge_adapter()
+    torch.testing.assert_close(_out(fl_model, batch), unmerged, **TOL)
+    with fl_model.disable_adapter():
+        torch.testing.assert_close(_out(fl_model, batch), _out(case["base"], batch), **TOL)
+
+
+def test_several_adapters_match_peft_and_checkpoints_cross(tiny_llama, tmp_path):
+    base = tiny_llama()
+    models = []
+    for lib in (fastlora, peft):
+        model = lib.get_peft_model(copy.deepcopy(base), lib.LoHaConfig(r=2, target_modules=["q_proj", "v_proj"]))
+        model.add_adapter("second", lib.LoHaConfig(r=3, alpha=6, target_modules=["q_proj", "o_proj"]))
+        for seed, name in enumerate(("default", "second"), start=1):
+            model.set_adapter(name)
+            _perturb(model, seed=seed)
+        models.append(model.eval())
+    fl_model, pf_model = models
+    fl_model.load_state_dict(pf_model.state_dict())
+    batch = _batch(base)
+    outs = {}
+    for name in ("default", "second"):
+        for model in models:
+            model.set_adapter(name)
+        assert [n for n, p in fl_model.named_parameters() if p.requires_grad] == \
+            [n for n, p in pf_model.named_parameters() if p.requires_grad]
+        outs[name] = _out(fl_model, batch)
+        torch.testing.assert_close(outs[name], _out(pf_model, batch), **TOL, msg=name)
+    assert not torch.allclose(outs["default"], outs["second"])
+    fl_model.save_pretrained(tmp_path)
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    loaded.load_adapter(tmp_path / "second", adapter_name="second")
+    for name in ("default", "second"):
+        loaded.set_adapter(name)
+        torch.testing.assert_close(_out(loaded.eval(), batch), outs[name], **TOL, msg=name)
+    merged = copy.deepcopy(fl_model).merge_and_unload(adapter_names=["default", "second"])
+    pf_merged = pf_model.merge_and_unload(adapter_names=["default", "second"])
+    torch.testing.assert_close(_out(merged, batch), _out(pf_merged, batch), **TOL)
+
+    fl_model.delete_adapter("second")
+    assert fl_model.active_adapters == ["default"]
+    assert not any(".second" in k for k in fl_model.state_dict())
+    torch.testing.assert_close(_out(fl_model, batch), outs["default"], **TOL)
+
+
+# ---- the two forward forms ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("low_rank", [True, False], ids=["rank-r2-lora-form", "merged-weight"])
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "no-grad"])
+def test_both_forward_forms_match_the_delta_weight(monkeypatch, low_rank, grad):
+    monkeypatch.setattr(loha_module, "_low_rank_pays", lambda *args: low_rank)
+    torch.manual_seed(0)
+    layer = LoHaLinear(torch.nn.Linear(13, 7, dtype=torch.float64), r=3, alpha=5, init_weights=False,
+                       adapter_dtype=torch.float64)
+    x = torch.randn(2, 5, 13, dtype=torch.float64, requires_grad=grad)
+    factors = list(layer._factors("default"))
+    dw = (factors[0] @ factors[1]) * (factors[2] @ factors[3]) * (5 / 3)
+    with torch.set_grad_enabled(grad):
+        torch.testing.assert_close(layer(x), layer.base_layer(x) + x @ dw.t())
+    if grad:
+        torch.autograd.gradcheck(lambda x, *f: _forward_with(layer, x, f), (x, *factors))
+
+
+def _forward_with(layer, x, factors):
+    for table, value in zip(layer.adapter_layer_names, factors):
+        getattr(layer, table)._parameters["default"] = value  # gradcheck's own tensors
+    return layer(x)
+
+
+def test_module_and_rank_dropout_only_in_training(tiny_llama):
+    base = tiny_llama()
+    batch = _batch(base)
+    off = fastlora.get_peft_model(copy.deepcopy(base), fastlora.LoHaConfig(r=2, module_dropout=1.0, init_weights=False,
+                                                                        target_modules=["q_proj"]))
+    torch.testing.assert_close(_out(off.train(), batch), _out(base, batch))  # every adapter dropped
+    assert not torch.allclose(_out(off.eval(), batch), _out(base, batch))
+    ranked = fastlora.get_peft_model(copy.deepcopy(base), fastlora.LoHaConfig(r=2, rank_dropout=0.5, init_weights=False,
+                                                                           target_modules=["q_proj"]))
+    evaluated = _out(ranked.eval(), batch)
+    torch.manual_seed(0)
+    assert not torch.allclose(_out(ranked.train(), batch), evaluated)
+    torch.testing.assert_close(_out(ranked.eval(), batch), evaluated)
+
+
+# ---- bad input: clear errors before any module is swapped ---------------------------------------------------
+
+def test_conv1d_is_refused_as_in_peft(tiny_gpt2):
+    model = tiny_gpt2()
+    before = [(n, type(m)) for n, m in model.named_modules()]
+    with pytest.raises(ValueError, match="LoHa wraps nn.Linear"):
+        fastlora.get_peft_model(model, fastlora.LoHaConfig(target_modules=["c_attn", "c_fc"]))
+    assert [(n, type(m)) for n, m in model.named_modules()] == before
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises((TypeError, ValueError)):
+        peft.get_peft_model(copy.deepcopy(model), peft.LoHaConfig(target_modules=["c_attn"]))
+
+
+@pytest.mark.parametrize("kwargs", [dict(r=0), dict(rank_dropout=1.5), dict(rank_pattern={"q_proj": -1}),
+                                    dict(layers_pattern="layers")],
+                         ids=["r", "rank_dropout", "rank_pattern", "layers_pattern"])
+def test_bad_config_values_are_refused(kwargs):
+    with pytest.raises(ValueError):
+        fastlora.LoHaConfig(**kwargs)
+
+
+def test_failed_second_adapter_leaves_the_first(tiny_llama):
+    model = fastlora.get_peft_model(tiny_llama(), fastlora.LoHaConfig(r=2, target_modules=["q_proj"]))
+    before = list(model.state_dict())
+    with pytest.raises(ValueError, match="matched no module"):
+        model.add_adapter("second", fastlora.LoHaConfig(target_modules=["nope"]))
+    assert list(model.state_dict()) == before and list(model.peft_config) == ["default"]
