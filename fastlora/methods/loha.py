@@ -6,7 +6,8 @@ PEFT builds ``dW`` ([out, in]) every step and runs a second full matmul with it.
 written as one low-rank matrix pair instead (a Khatri-Rao product: row ``o`` of ``U`` is
 ``w1_a[o] (x) w2_a[o]``, column ``k`` of ``V`` is ``w1_b[:, k] (x) w2_b[:, k]``, rank r^2), which rides on
 ``fastlora.ops.lora_linear`` as an ordinary LoRA update. When r^2 is too large for that to pay, ``dW``
-is added to the base weight and one matmul does both. Linear layers only: PEFT's LoHa has no Conv1D.
+is added to the base weight and one matmul does both (saving x and the factors for the backward, not
+PEFT's [out, in] ``dW``). Linear layers only: PEFT's LoHa has no Conv1D.
 """
 
 from __future__ import annotations
@@ -95,6 +96,44 @@ def _low_rank_pays(rows: int, r: int, in_features: int, out_features: int, train
     return rows * low_rank <= 2 * r * in_features * out_features
 
 
+class _LoHaMergedLinear(torch.autograd.Function):
+    """``y = x (W + dW)^T + b`` with ``dW = scale * (w1a w1b) * (w2a w2b)`` (rows scaled by ``row_mask`` for
+    rank dropout), W and b frozen. Saves x and the four small factors, never an [out, in] tensor: the
+    backward rebuilds ``W1 = w1a w1b`` and ``W2 = w2a w2b`` (2 r in out multiply-adds) instead. With
+    ``G = scale * mask * dY^T x`` ([out, in]):
+
+        dx = dY (W + dW),   dw1a = (G * W2) w1b^T,   dw1b = w1a^T (G * W2),   likewise w2a, w2b with W1.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, w1a, w1b, w2a, w2b, scale: float, row_mask):
+        delta = (w1a @ w1b) * (w2a @ w2b) * scale  # [out, in]
+        if row_mask is not None:
+            delta = delta * row_mask[:, None]
+        ctx.save_for_backward(x, weight, w1a, w1b, w2a, w2b, row_mask)
+        ctx.scale = scale
+        return F.linear(x, weight + delta.to(weight.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, w1a, w1b, w2a, w2b, row_mask = ctx.saved_tensors
+        w1, w2 = w1a @ w1b, w2a @ w2b
+        dx = None
+        if ctx.needs_input_grad[0]:
+            delta = w1 * w2 * ctx.scale
+            if row_mask is not None:
+                delta = delta * row_mask[:, None]
+            dx = dy @ (weight + delta.to(weight.dtype))
+            del delta
+        g = dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])  # [out, M] @ [M, in]
+        g = g.to(w1.dtype) * ctx.scale
+        if row_mask is not None:
+            g = g * row_mask[:, None]
+        g1, g2 = g * w2, g * w1
+        del g, w1, w2
+        return (dx, None, None, g1 @ w1b.t(), w1a.t() @ g1, g2 @ w2b.t(), w2a.t() @ g2, None, None)
+
+
 class LoHaLinear(AdapterLayer):
     """LoHa around an ``nn.Linear`` ``base_layer``, with PEFT's attribute names."""
 
@@ -174,14 +213,18 @@ class LoHaLinear(AdapterLayer):
         grads = torch.is_grad_enabled()
         low_rank = [n for n in names if _low_rank_pays(rows, self.r[n], self.in_features, self.out_features, grads)]
         dense = [n for n in names if n not in low_rank]
-        if dense:  # dW added to the base weight: one matmul for base and update
-            for name in dense:
-                w1a, w1b, w2a, w2b = self._factors(name)
-                delta = (w1a @ w1b) * (w2a @ w2b) * self.scaling[name]
-                mask = self._row_mask(name, delta)
-                if mask is not None:
-                    delta = delta * mask[:, None]
-                weight = weight + delta.to(weight.dtype)
+        if len(dense) == 1 and not low_rank and not (weight.requires_grad or (bias is not None and bias.requires_grad)):
+            # the usual case: one adapter, dW added to the base weight, one matmul for both
+            name = dense[0]
+            mask = self._row_mask(name, self.hada_w1_a[name])
+            return _LoHaMergedLinear.apply(x, weight, bias, *self._factors(name), self.scaling[name], mask)
+        for name in dense:  # several adapters, or a base being trained too: plain autograd
+            w1a, w1b, w2a, w2b = self._factors(name)
+            delta = (w1a @ w1b) * (w2a @ w2b) * self.scaling[name]
+            mask = self._row_mask(name, delta)
+            if mask is not None:
+                delta = delta * mask[:, None]
+            weight = weight + delta.to(weight.dtype)
         if not low_rank:
             return F.linear(x, weight, bias)
         first, *rest = low_rank

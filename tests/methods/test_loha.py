@@ -202,8 +202,8 @@ def test_several_adapters_match_peft_and_checkpoints_cross(tiny_llama, tmp_path)
 def test_both_forward_forms_match_the_delta_weight(monkeypatch, low_rank, grad):
     monkeypatch.setattr(loha_module, "_low_rank_pays", lambda *args: low_rank)
     torch.manual_seed(0)
-    layer = LoHaLinear(torch.nn.Linear(13, 7, dtype=torch.float64), r=3, alpha=5, init_weights=False,
-                       adapter_dtype=torch.float64)
+    layer = LoHaLinear(torch.nn.Linear(13, 7, dtype=torch.float64).requires_grad_(False), r=3, alpha=5,
+                       init_weights=False, adapter_dtype=torch.float64)
     x = torch.randn(2, 5, 13, dtype=torch.float64, requires_grad=grad)
     factors = list(layer._factors("default"))
     dw = (factors[0] @ factors[1]) * (factors[2] @ factors[3]) * (5 / 3)
@@ -211,6 +211,17 @@ def test_both_forward_forms_match_the_delta_weight(monkeypatch, low_rank, grad):
         torch.testing.assert_close(layer(x), layer.base_layer(x) + x @ dw.t())
     if grad:
         torch.autograd.gradcheck(lambda x, *f: _forward_with(layer, x, f), (x, *factors))
+
+
+def test_merged_form_gradients_with_a_rank_dropout_mask():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 13, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight, bias = torch.randn(7, 13, generator=gen, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
+    factors = [torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+               for shape in ((7, 3), (3, 13), (7, 3), (3, 13))]
+    mask = torch.tensor([2.0, 0, 2, 0, 2, 2, 0], dtype=torch.float64)
+    torch.autograd.gradcheck(lambda x, *f: loha_module._LoHaMergedLinear.apply(x, weight, bias, *f, 1.5, mask),
+                             (x, *factors))
 
 
 def _forward_with(layer, x, factors):
