@@ -1,4 +1,4 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 # Install torch before this package on machines where a specific build is wanted (README): a bare
 # "torch" requirement with nothing installed pulls the newest CUDA build.
@@ -9,8 +9,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fastlora", "fastlora.ops", "fastlora.layers", "fastlora.injector", "fastlora.methods",
-              "fastlora.kernels"],
+    # Every package under fastlora/, found rather than listed (a forgotten one is missing from a wheel),
+    # plus kernels/ installed as fastlora.kernels.
+    packages=[*find_packages(include=["fastlora", "fastlora.*"]), "fastlora.kernels"],
     package_dir={"fastlora.kernels": "kernels"},
     install_requires=["torch>=2.6", "transformers>=4.45", "safetensors>=0.4", "tqdm>=4.60"],
     extras_require={

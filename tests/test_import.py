@@ -51,3 +51,27 @@ def test_probe_would_see_triton_if_imported():
     code = "import json, torch\n" + code
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1])["triton"] == ["triton"]
+
+
+def test_setup_installs_every_package():
+    """A wheel holds exactly the packages setup.py names: every folder of fastlora/ with an __init__.py
+    must be among them (an editable install would hide a missing one)."""
+    from pathlib import Path
+    from unittest import mock
+
+    import runpy
+
+    root = Path(__file__).resolve().parent.parent
+    captured = {}
+    with mock.patch("setuptools.setup", lambda **kw: captured.update(kw)):
+        cwd = Path.cwd()
+        try:
+            import os
+
+            os.chdir(root)  # setup.py reads README.md relative to its folder
+            runpy.run_path(str(root / "setup.py"))
+        finally:
+            os.chdir(cwd)
+    on_disk = {".".join(p.parent.relative_to(root).parts) for p in (root / "fastlora").rglob("__init__.py")}
+    assert on_disk <= set(captured["packages"]), sorted(on_disk - set(captured["packages"]))
+    assert "fastlora.kernels" in captured["packages"] and captured["package_dir"] == {"fastlora.kernels": "kernels"}
