@@ -272,3 +272,25 @@ def test_failed_second_adapter_leaves_the_first(tiny_llama):
     with pytest.raises(ValueError, match="matched no module"):
         model.add_adapter("second", fastlora.LoHaConfig(target_modules=["nope"]))
     assert list(model.state_dict()) == before and list(model.peft_config) == ["default"]
+
+
+@pytest.mark.interpreter
+def test_low_rank_form_on_the_kernels_matches_the_reference(monkeypatch):
+    """The rank-r^2 form rides on fastlora.ops.lora_linear: the Triton kernels (interpreted on CPU) give
+    the reference's outputs and gradients."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(loha_module, "_low_rank_pays", lambda *args: True)
+    torch.manual_seed(0)
+    layer = LoHaLinear(torch.nn.Linear(40, 24).requires_grad_(False), r=3, init_weights=False)
+    x = torch.randn(3, 5, 40)
+    results = []
+    for backend in ("reference", "triton"):
+        monkeypatch.setenv("FASTLORA_BACKEND", backend)
+        layer.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        y = layer(xi)
+        y.square().sum().backward()
+        results.append([y, xi.grad, *(p.grad for p in layer.parameters() if p.requires_grad)])
+    for ours, ref in zip(*results[::-1]):
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
