@@ -20,7 +20,8 @@ from fastlora.methods.adalora import SVDLinear
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 CASES = {
-    "llama": dict(factory="tiny_llama", task_type="CAUSAL_LM", kwargs=dict(target_modules=["q_proj", "v_proj", "down_proj"])),
+    "llama": dict(factory="tiny_llama", task_type="CAUSAL_LM",
+                  kwargs=dict(target_modules=["q_proj", "v_proj", "down_proj"])),
     "gpt2-conv1d": dict(factory="tiny_gpt2", task_type="CAUSAL_LM",
                         kwargs=dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),
     "bert-seqcls": dict(factory="tiny_bert_cls", task_type="SEQ_CLS",
