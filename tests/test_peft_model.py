@@ -266,6 +266,27 @@ def test_deleting_the_active_adapter_activates_a_remaining_one(tiny_llama):
     assert not any(".default." in n for n in model.state_dict())
 
 
+def test_deleting_the_active_adapter_matches_peft_on_every_layer(tiny_llama):
+    """Adapters on different layers: after deleting the active one, every layer holding the remaining
+    adapter runs it, including layers that never held the deleted one (PEFT's behaviour)."""
+    base = tiny_llama()
+    libs = {}
+    for lib in (fastlora, peft):
+        model = lib.get_peft_model(copy.deepcopy(base), lib.LoraConfig(
+            task_type="CAUSAL_LM", r=4, init_lora_weights=False, target_modules=["q_proj"]))
+        model.add_adapter("b", lib.LoraConfig(task_type="CAUSAL_LM", r=2, init_lora_weights=False,
+                                              target_modules=["q_proj", "v_proj"]))
+        libs[lib.__name__] = model.eval()
+    ours, theirs = libs["fastlora"], libs["peft"]
+    ours.load_state_dict(theirs.state_dict())
+    batch = _batch(base)
+    for model in (ours, theirs):
+        model.delete_adapter("default")
+    assert ours.active_adapter == theirs.active_adapter == "b"
+    torch.testing.assert_close(_out(ours, batch), _out(theirs, batch), **TOL)
+    assert not torch.allclose(_out(ours, batch), _out(base, batch))
+
+
 def test_disable_adapter_gives_base_outputs_and_restores_after(tiny_llama):
     base, model = _llama_peft(tiny_llama)
     batch = _batch(base)
