@@ -200,6 +200,11 @@ def dequantize_absmax(state: NF4State) -> torch.Tensor:
     return out + torch.tensor(state.offset, dtype=torch.float32)
 
 
+# Bytes unpacked per step: the int32 index of a step is at most 16 MiB (a 4096 x 14336 weight takes 7
+# steps). Smaller steps cost time on CPU: 1.9 ms -> 2.9 ms at 2^20 for a 2816 x 1024 weight (2 cores).
+_CHUNK_BYTES = 1 << 22
+
+
 def _pair_table(code: torch.Tensor) -> torch.Tensor:
     """``[256, 2]``: the (high-nibble, low-nibble) levels of every byte value."""
     return torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)
@@ -209,14 +214,19 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | N
     """Unpack to ``state.shape`` in ``dtype`` (default: the dtype the weight was quantized from).
 
     One row lookup per byte in a 256 x 2 table of level pairs, then the absmax scaling in place: on a
-    2-core CPU 3-16x faster than unpacking nibbles into an int64 index, and no temporary beyond the
-    fp32 weight itself (and its cast to ``dtype``).
+    2-core CPU 3-16x faster than unpacking nibbles into an int64 index, and nothing weight-sized beyond
+    the fp32 weight itself (and its cast to ``dtype``).
     """
     data = packed.reshape(-1)
     if data.dtype != torch.uint8:
         data = data.view(torch.uint8)  # a checkpoint's bf16 (or other) storage view of the same bytes
     n = state.numel
-    values = _pair_table(state.code).index_select(0, data.to(torch.int32)).view(-1)[:n]  # fp32 levels
+    table = _pair_table(state.code)
+    pairs = torch.empty((data.numel(), 2), dtype=torch.float32, device=data.device)
+    for start in range(0, data.numel(), _CHUNK_BYTES):  # bounded int32 index temporaries
+        stop = start + _CHUNK_BYTES
+        torch.index_select(table, 0, data[start:stop].to(torch.int32), out=pairs[start:stop])
+    values = pairs.view(-1)[:n]  # fp32 levels
     absmax = dequantize_absmax(state)
     full = n - n % state.blocksize
     values[:full].view(-1, state.blocksize).mul_(absmax[: full // state.blocksize].view(-1, 1))
