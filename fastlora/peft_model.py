@@ -44,7 +44,7 @@ PEFT_TYPE_TO_TUNER_MAPPING[PeftType.ADAPTION_PROMPT] = AdaptionPromptModel
 # Prompt learning keeps PEFT's layout: base_model is the transformers model itself and the encoders
 # sit beside it in ``prompt_encoder`` (a PromptLearner, which also plays the tuner's part).
 PEFT_TYPE_TO_TUNER_MAPPING.update(dict.fromkeys(PROMPT_ENCODERS, PromptLearner))
-# IA3, LoHa, AdaLoRA, ...: each method registers its tuner (fastlora.methods.tuner.register_tuner).
+# IA3, LoHa, AdaLoRA, ...: each method registers its tuner (fastlora.injector.tuner.register_tuner).
 PEFT_TYPE_TO_TUNER_MAPPING.update(TUNERS)
 
 

@@ -15,7 +15,8 @@ from fastlora.methods.p_tuning import PromptEncoder, PromptEncoderConfig, Prompt
 from fastlora.methods.prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from fastlora.methods.prompt_learning import PROMPT_ENCODERS, PromptLearner, PromptLearningConfig
 from fastlora.methods.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
-from fastlora.methods.tuner import TUNERS, AdapterLayer, AdapterTuner
+from fastlora.injector.tuner import TUNERS, AdapterTuner
+from fastlora.layers import AdapterLayer
 
 __all__ = [
     # prompt learning (shared machinery, then one module per method)

@@ -20,7 +20,8 @@ from torch import nn
 from fastlora.config import LoraConfig, PeftType, register_config
 from fastlora.injector.inject import fit_fan_in_fan_out, iter_modules
 from fastlora.injector.targets import ADALORA_TARGET_MODULES
-from fastlora.methods.tuner import AdapterLayer, AdapterTuner, register_tuner
+from fastlora.injector.tuner import AdapterTuner, register_tuner
+from fastlora.layers import AdapterLayer
 from fastlora.ops import lora_linear
 
 __all__ = ["AdaLoraConfig", "SVDLinear", "RankAllocator", "AdaLoraModel"]

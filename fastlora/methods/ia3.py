@@ -21,7 +21,8 @@ from torch import nn
 from fastlora.config import PeftConfig, PeftType, register_config
 from fastlora.injector.inject import fit_fan_in_fan_out
 from fastlora.injector.targets import IA3_FEEDFORWARD_MODULES, IA3_TARGET_MODULES
-from fastlora.methods.tuner import AdapterLayer, AdapterTuner, register_tuner
+from fastlora.injector.tuner import AdapterTuner, register_tuner
+from fastlora.layers import AdapterLayer
 
 __all__ = ["IA3Config", "IA3Linear", "IA3Model"]
 

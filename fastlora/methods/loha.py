@@ -23,7 +23,8 @@ from torch import nn
 from fastlora.config import PeftConfig, PeftType, register_config
 from fastlora.injector.match import pattern_value
 from fastlora.injector.targets import LOHA_TARGET_MODULES
-from fastlora.methods.tuner import AdapterLayer, AdapterTuner, register_tuner
+from fastlora.injector.tuner import AdapterTuner, register_tuner
+from fastlora.layers import AdapterLayer
 from fastlora.ops import lora_linear
 
 __all__ = ["LoHaConfig", "LoHaLinear", "LoHaModel"]

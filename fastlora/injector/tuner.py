@@ -1,10 +1,11 @@
-"""The machinery IA3, LoHa and AdaLoRA share: a layer base with PEFT's multi-adapter bookkeeping and a
-tuner base (PEFT's ``BaseTuner``) that injects through the injector's generic ``select_targets``.
+"""``AdapterTuner``: PEFT's ``BaseTuner``, the model-level side every weight-adapting method shares
+(LoRA, IA3, LoHa, AdaLoRA): inject through the generic ``select_targets``, and PEFT's adapter API
+(``set_adapter``, ``delete_adapter``, ``merge_and_unload``, ...) over the method's layers.
 
-A method defines its config, its layer (a subclass of ``AdapterLayer`` whose adapters live in
-``nn.ParameterDict``s named by ``adapter_layer_names``, as in PEFT, so state-dict keys match) and its
-tuner (a subclass of ``AdapterTuner`` naming the config, the layer, the default-target table and how
-to build a layer), then registers the tuner with ``register_tuner``; ``PeftModel`` finds it in ``TUNERS``.
+A method defines its config, its layer (a subclass of ``fastlora.layers.AdapterLayer``) and its tuner
+(a subclass of ``AdapterTuner`` naming the config, the layer, the default-target table and how to build
+and update a layer). Methods beside LoRA register their tuner with ``register_tuner``; ``PeftModel``
+finds them in ``TUNERS``.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from fastlora.injector.inject import (
     upcast_dtype,
     wrap_modules_to_save,
 )
-from fastlora.layers import ModulesToSaveWrapper
+from fastlora.layers import AdapterLayer, ModulesToSaveWrapper
 
-__all__ = ["AdapterLayer", "AdapterTuner", "TUNERS", "register_tuner"]
+__all__ = ["AdapterTuner", "TUNERS", "names_adapter", "register_tuner"]
 
 # peft_type -> tuner class, filled by ``register_tuner``; peft_model.py merges it into its mapping.
 TUNERS: dict[PeftType, type[AdapterTuner]] = {}
@@ -44,135 +45,6 @@ def register_tuner(cls: type[AdapterTuner]) -> type[AdapterTuner]:
 def names_adapter(param_name: str, adapter_name: str) -> bool:
     """Whether a parameter name belongs to ``adapter_name`` (``...ia3_l.<name>`` or ``...lora_A.<name>.weight``)."""
     return f".{adapter_name}." in param_name or param_name.endswith(f".{adapter_name}")
-
-
-class AdapterLayer(nn.Module):
-    """A frozen linear ``base_layer`` plus adapters kept in ParameterDicts (``adapter_layer_names``).
-
-    Subclasses implement ``update_layer``, ``forward`` and, for an additive update, ``get_delta_weight``
-    (fp32, ``[out, in]``); merging, multiple adapters, disabling and deleting are handled here.
-    """
-
-    adapter_layer_names: ClassVar[tuple[str, ...]] = ()
-    # Per-adapter plain dicts (or ParameterDicts of frozen tensors) that deleting an adapter also clears.
-    other_param_names: ClassVar[tuple[str, ...]] = ()
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, fan_in_fan_out: bool = False):
-        super().__init__()
-        self.base_layer = base_layer
-        self.fan_in_fan_out = fan_in_fan_out
-        weight = base_layer.weight
-        self.in_features, self.out_features = weight.shape if fan_in_fan_out else weight.shape[::-1]
-        self.merged_adapters: list[str] = []
-        self._active_adapters: list[str] = [adapter_name]
-        self._disable_adapters = False
-
-    # ---- adapters -------------------------------------------------------------------------------
-    @property
-    def adapters(self) -> list[str]:
-        return list(getattr(self, self.adapter_layer_names[0]))
-
-    @property
-    def active_adapters(self) -> list[str]:
-        return list(self._active_adapters)
-
-    @property
-    def active_adapter(self) -> str | list[str]:
-        return self._active_adapters[0] if len(self._active_adapters) == 1 else list(self._active_adapters)
-
-    @property
-    def disable_adapters(self) -> bool:
-        return self._disable_adapters
-
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
-
-    def _active(self) -> list[str]:
-        """The active adapters this layer holds (a layer may lack an adapter that targets other modules)."""
-        held = getattr(self, self.adapter_layer_names[0])
-        return [name for name in self._active_adapters if name in held]
-
-    def _adapter_dtype(self, adapter_dtype: torch.dtype | None) -> torch.dtype:
-        dtype = adapter_dtype or self.base_layer.weight.dtype
-        return dtype if dtype.is_floating_point else torch.float32
-
-    def set_adapter(self, adapter_names: str | Iterable[str]) -> None:
-        """Make ``adapter_names`` active and trainable; every other adapter is frozen."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        for table in self.adapter_layer_names:
-            for name, param in getattr(self, table).items():
-                param.requires_grad_(name in names)
-        self._active_adapters = names
-
-    def enable_adapters(self, enabled: bool) -> None:
-        if not enabled and self.merged:
-            self.unmerge()
-        self._disable_adapters = not enabled
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        if adapter_name in self.merged_adapters:
-            raise ValueError(f"adapter {adapter_name!r} is merged into the base weights; unmerge it first")
-        for table in self.adapter_layer_names + self.other_param_names:
-            held = getattr(self, table)
-            if adapter_name in held:
-                del held[adapter_name]
-        remaining = [name for name in self._active_adapters if name != adapter_name]
-        if not remaining and self.adapters:
-            remaining = [self.adapters[0]]
-        self.set_adapter(remaining)
-
-    def get_base_layer(self) -> nn.Module:
-        return self.base_layer
-
-    def _base_weight(self) -> torch.Tensor:
-        weight = self.base_layer.weight
-        return weight.t() if self.fan_in_fan_out else weight  # Conv1D's [in, out] as a view, never a copy
-
-    # ---- merging (additive updates; IA3 overrides) -----------------------------------------------
-    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _to_merge(self, adapter_names: Iterable[str] | None) -> list[str]:
-        names = self._active_adapters if adapter_names is None else list(adapter_names)
-        held = getattr(self, self.adapter_layer_names[0])
-        return [name for name in dict.fromkeys(names) if name in held and name not in self.merged_adapters]
-
-    def _layout(self, delta: torch.Tensor) -> torch.Tensor:
-        return delta.t() if self.fan_in_fan_out else delta
-
-    def merged_weight(self, adapter_names: Iterable[str] | None = None) -> torch.Tensor:
-        """The base weight with ``adapter_names`` merged, in fp32, laid out like the base weight."""
-        weight = self.base_layer.weight.float()
-        for name in self._to_merge(adapter_names):
-            weight = weight + self._layout(self.get_delta_weight(name))
-        return weight
-
-    def check_merge(self, key: str, adapter_names: Iterable[str] | None = None) -> None:
-        """Raise when merging would put NaN or Inf into the base weights (checked in their own dtype)."""
-        if not torch.isfinite(self.merged_weight(adapter_names).to(self.base_layer.weight.dtype)).all():
-            raise ValueError(f"merging into {key} would put NaN or Inf into its weights; nothing was merged")
-
-    @torch.no_grad()
-    def merge(self, safe_merge: bool = False, adapter_names: Iterable[str] | None = None) -> None:
-        """Fold adapters into the base weight (in fp32, then cast back to the weight's dtype)."""
-        names = self._to_merge(adapter_names)
-        if safe_merge:
-            self.check_merge(type(self).__name__, names)
-        weight = self.base_layer.weight
-        for name in names:
-            weight.copy_((weight.float() + self._layout(self.get_delta_weight(name))).to(weight.dtype))
-            self.merged_adapters.append(name)
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        weight = self.base_layer.weight
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            weight.copy_((weight.float() - self._layout(self.get_delta_weight(name))).to(weight.dtype))
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, adapters={self.adapters}"
 
 
 class AdapterTuner(nn.Module):
