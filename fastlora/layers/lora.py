@@ -14,6 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from fastlora.layers.adapter import AdapterLayer
 from fastlora.layers.bank import AdapterBank, MixedBatch, mixed_batch_forward
 from fastlora.layers.nf4 import LinearNF4
 from fastlora.ops import lora_linear, nf4_linear
@@ -21,7 +22,7 @@ from fastlora.ops import lora_linear, nf4_linear
 __all__ = ["LoraLinear"]
 
 
-class LoraLinear(nn.Module):
+class LoraLinear(AdapterLayer):
     """LoRA around ``base_layer`` (``nn.Linear``, a ``[in, out]`` weight with ``fan_in_fan_out=True``, or a
     4-bit ``LinearNF4``: QLoRA, the LoRA update fused into the dequantize-matmul)."""
 
@@ -44,23 +45,13 @@ class LoraLinear(nn.Module):
         fan_in_fan_out: bool = False,
         adapter_dtype: torch.dtype | None = torch.float32,
     ):
-        super().__init__()
-        self.base_layer = base_layer
-        self.fan_in_fan_out = fan_in_fan_out
-        if isinstance(base_layer, LinearNF4):
-            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        else:
-            weight = base_layer.weight
-            self.in_features, self.out_features = weight.shape[::-1] if not fan_in_fan_out else weight.shape
+        super().__init__(base_layer, adapter_name, fan_in_fan_out)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
-        self.merged_adapters: list[str] = []
-        self._active_adapters: list[str] = [adapter_name]
-        self._disable_adapters = False
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, adapter_dtype)
 
     # ---- adapters -------------------------------------------------------------------------------
@@ -108,65 +99,11 @@ class LoraLinear(nn.Module):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B[adapter_name].weight)
 
-    @property
-    def active_adapters(self) -> list[str]:
-        return list(self._active_adapters)
-
-    @property
-    def active_adapter(self) -> str | list[str]:
-        return self._active_adapters[0] if len(self._active_adapters) == 1 else list(self._active_adapters)
-
-    @property
-    def disable_adapters(self) -> bool:
-        return self._disable_adapters
-
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
-
-    def set_adapter(self, adapter_names: str | Iterable[str]) -> None:
-        """Make ``adapter_names`` active and trainable; every other adapter is frozen."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        for name in self.lora_A:
-            trainable = name in names
-            self.lora_A[name].weight.requires_grad_(trainable)
-            self.lora_B[name].weight.requires_grad_(trainable)
-        self._active_adapters = names
-
-    def enable_adapters(self, enabled: bool) -> None:
-        if enabled:
-            self._disable_adapters = False
-        else:
-            if self.merged:
-                self.unmerge()
-            self._disable_adapters = True
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        if adapter_name in self.merged_adapters:
-            raise ValueError(f"adapter {adapter_name!r} is merged into the base weights; unmerge it first")
-        for table in (self.lora_A, self.lora_B, self.lora_dropout):
-            if adapter_name in table:  # nn.ModuleDict.pop takes no default
-                del table[adapter_name]
-        for table in (self.r, self.lora_alpha, self.scaling):
-            table.pop(adapter_name, None)
-        remaining = [name for name in self._active_adapters if name != adapter_name]
-        if not remaining and len(self.lora_A):
-            remaining = [next(iter(self.lora_A))]
-        self.set_adapter(remaining)
-
-    def get_base_layer(self) -> nn.Module:
-        """The wrapped layer (PEFT's ``BaseTunerLayer.get_base_layer``)."""
-        return self.base_layer
-
     # ---- forward ---------------------------------------------------------------------------------
-    def _base_weight(self) -> torch.Tensor:
-        weight = self.base_layer.weight
-        return weight.t() if self.fan_in_fan_out else weight  # Conv1D's [in, out] as a view, never a copy
-
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.mixed_batch is not None and not self._disable_adapters:
             return mixed_batch_forward(self, x, *args, **kwargs)
-        active = [name for name in self._active_adapters if name in self.lora_A]
+        active = self._active()
         if self._disable_adapters or self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
         first, *rest = active
