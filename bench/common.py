@@ -1,4 +1,5 @@
-"""What every benchmark shares: device and dtype choice, the environment columns, timing and memory.
+"""What every benchmark shares: device and dtype choice, the environment columns, the one-layer model
+and its inputs, timing and memory.
 
 Timing (``time_calls``):
 - CPU: the calls of one group (every provider for one shape and mode) run interleaved, round after
@@ -49,13 +50,17 @@ __all__ = [
     "MODES",
     "Call",
     "Env",
+    "OneLinear",
     "Stats",
     "default_dtype",
+    "dense_linear",
     "dtype_name",
     "environment",
     "measure_memory",
     "parse_dtype",
     "pick_device",
+    "random_x_dy",
+    "setup_device",
     "time_calls",
     "time_cuda_graph",
 ]
@@ -105,6 +110,15 @@ def parse_dtype(text: str) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def setup_device(name: str | None, dtype: str | None, threads: int | None) -> tuple[torch.device, torch.dtype]:
+    """What a command line's ``--device``, ``--dtype`` and ``--threads`` ask for: torch's CPU threads set
+    (when given), the device (``pick_device``) and the dtype (``default_dtype`` unless given)."""
+    if threads:
+        torch.set_num_threads(threads)
+    device = pick_device(name)
+    return device, parse_dtype(dtype) if dtype else default_dtype(device)
 
 
 def _cpu_model() -> str:
@@ -165,6 +179,35 @@ def environment(device: torch.device) -> Env:
     slug = f"{device.type}_" + (re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown")
     return Env(device=label, slug=slug, torch=torch.__version__, triton=_triton_version(),
                fastlora=_fastlora_version(), date=_dt.date.today().isoformat())
+
+
+# ---- one-layer models and their inputs -----------------------------------------------------------------
+class OneLinear(torch.nn.Module):
+    """The smallest model PEFT and fastlora can wrap: one linear layer named ``proj``."""
+
+    def __init__(self, proj: torch.nn.Module):
+        super().__init__()
+        self.proj = proj
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def dense_linear(weight: torch.Tensor) -> torch.nn.Linear:
+    """An ``nn.Linear`` without bias holding a copy of ``weight`` [out, in], on its device and in its dtype."""
+    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    return layer
+
+
+def random_x_dy(m: int, k: int, n: int, seed: int, device: torch.device,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's input x [m, k] (requiring grad) and output gradient dy [m, n], drawn from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen).to(device, dtype).requires_grad_(True)
+    dy = torch.randn(m, n, generator=gen).to(device, dtype)
+    return x, dy
 
 
 # ---- what is measured -----------------------------------------------------------------------------------
