@@ -1,6 +1,6 @@
 """The injector: target tables (data) plus one generic match-and-swap; the only code that knows transformers."""
 
-from fastlora.injector.inject import inject_lora, resolve_target_modules, unload_modules
+from fastlora.injector.inject import resolve_target_modules, select_targets, unload_modules
 from fastlora.injector.lora_model import LoraModel
 from fastlora.injector.mixed_batch import BASE_ADAPTER, adapter_slots, mixed_adapter_batch
 from fastlora.injector.quantize import prepare_model_for_kbit_training, quantize_model
@@ -11,7 +11,7 @@ __all__ = [
     "LORA_TARGET_MODULES",
     "LoraModel",
     "adapter_slots",
-    "inject_lora",
+    "select_targets",
     "mixed_adapter_batch",
     "prepare_model_for_kbit_training",
     "quantize_model",

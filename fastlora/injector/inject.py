@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from fastlora.injector.match import is_excluded, matches_target, names_match, pattern_value
+from fastlora.injector.match import is_excluded, matches_target, names_match
 from fastlora.injector.targets import LORA_TARGET_MODULES, SEQ_CLS_HEAD_NAMES
 from fastlora.layers import LinearNF4, LoraLinear, ModulesToSaveWrapper
 
@@ -24,7 +24,6 @@ __all__ = [
     "iter_modules",
     "resolve_target_modules",
     "select_targets",
-    "inject_lora",
     "wrap_modules_to_save",
     "replace_module",
     "unload_modules",
@@ -167,39 +166,6 @@ def select_targets(model: nn.Module, config, *, defaults: dict[str, list[str]] =
     return selected
 
 
-def inject_lora(model: nn.Module, config, adapter_name: str, autocast_adapter_dtype: bool = True) -> list[str]:
-    """Swap every module ``config`` targets for a ``LoraLinear`` (or add ``adapter_name`` to one already
-    there). Returns the swapped module names. Raises before changing anything when the targets match
-    nothing or match a module type LoRA cannot wrap.
-    """
-    selected = select_targets(model, config)
-    for key, module in selected:
-        r = pattern_value(key, config.rank_pattern, config.r)
-        alpha = pattern_value(key, config.alpha_pattern, config.lora_alpha)
-        if isinstance(module, LoraLinear):
-            dtype = module.lora_A[next(iter(module.lora_A))].weight.dtype if module.lora_A else None
-            module.update_layer(
-                adapter_name, r, alpha, config.lora_dropout, config.init_lora_weights, config.use_rslora, dtype
-            )
-            continue
-        fan_in_fan_out = fit_fan_in_fan_out(module, config, key)
-        adapter_dtype = None if not autocast_adapter_dtype else upcast_dtype(module.weight.dtype)
-        new = LoraLinear(
-            module,
-            adapter_name,
-            r=r,
-            lora_alpha=alpha,
-            lora_dropout=config.lora_dropout,
-            init_lora_weights=config.init_lora_weights,
-            use_rslora=config.use_rslora,
-            fan_in_fan_out=fan_in_fan_out,
-            adapter_dtype=adapter_dtype,
-        )
-        new.train(module.training)
-        replace_module(model, key, new)
-    return [key for key, _ in selected]
-
-
 def upcast_dtype(dtype: torch.dtype) -> torch.dtype:
     # PEFT's autocast_adapter_dtype: 16-bit bases get fp32 adapters (stable optimizer updates).
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -233,9 +199,7 @@ def unload_modules(model: nn.Module, merge: bool, safe_merge: bool = False, adap
     layers = [(key, module) for key, module in iter_modules(model) if isinstance(module, ADAPTER_LAYERS)]
     if merge and safe_merge:
         for key, module in layers:
-            if isinstance(module, LoraLinear):
-                _check_finite_merge(key, module, adapter_names)
-            elif not isinstance(module, ModulesToSaveWrapper):  # another method's layer: it knows its own merge
+            if not isinstance(module, ModulesToSaveWrapper):  # each method's layer knows its own merge
                 module.check_merge(key, adapter_names)
     for key, module in layers:
         if isinstance(module, LoraLinear):
@@ -252,17 +216,3 @@ def unload_modules(model: nn.Module, merge: bool, safe_merge: bool = False, adap
                 module.merge(adapter_names=adapter_names)
             replace_module(model, key, module.base_layer)
     return model
-
-
-def _check_finite_merge(key: str, layer: LoraLinear, adapter_names) -> None:
-    names = layer.active_adapters if adapter_names is None else adapter_names
-    if isinstance(layer.base_layer, LinearNF4):
-        if not torch.isfinite(layer.merged_weight(names)).all():
-            raise ValueError(f"merging {names} into {key} would put NaN or Inf into its weights; nothing was merged")
-        return
-    merged = layer.base_layer.weight
-    for name in names:  # as LoraLinear.merge does it: in fp32, cast back to the weight's dtype per adapter
-        if name in layer.lora_A and name not in layer.merged_adapters:
-            merged = (merged.float() + layer.get_delta_weight(name)).to(merged.dtype)
-    if not torch.isfinite(merged).all():
-        raise ValueError(f"merging {names} into {key} would put NaN or Inf into its weights; nothing was merged")

@@ -171,6 +171,21 @@ class LoraLinear(AdapterLayer):
             name = self.merged_adapters.pop()
             weight.copy_((weight.float() - self.get_delta_weight(name)).to(weight.dtype))
 
+    def check_merge(self, key: str, adapter_names: Iterable[str] | None = None) -> None:
+        """Raise when merging ``adapter_names`` into ``key`` would put NaN or Inf into its weights, checked
+        as ``merge`` computes it: in fp32, cast back to the weight's dtype after each adapter (a 4-bit
+        base merges in fp32)."""
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        if isinstance(self.base_layer, LinearNF4):
+            merged = self.merged_weight(names)
+        else:
+            merged = self.base_layer.weight
+            for name in names:
+                if name in self.lora_A and name not in self.merged_adapters:
+                    merged = (merged.float() + self.get_delta_weight(name)).to(merged.dtype)
+        if not torch.isfinite(merged).all():
+            raise ValueError(f"merging {names} into {key} would put NaN or Inf into its weights; nothing was merged")
+
     def merged_weight(self, adapter_names: Iterable[str] | None = None) -> torch.Tensor:
         """The base weight plus the adapters' updates, in fp32 (a 4-bit base is dequantized first)."""
         names = self._active_adapters if adapter_names is None else list(adapter_names)

@@ -18,7 +18,7 @@ from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPP
 from torch import nn
 
 from fastlora import LoraConfig, LoraLinear, ModulesToSaveWrapper
-from fastlora.injector import LORA_TARGET_MODULES, LoraModel, inject_lora
+from fastlora.injector import LORA_TARGET_MODULES, LoraModel
 
 # Model types whose default PEFT cannot tell us (no default there, or none that works on this
 # transformers): the expected module names are spelled out instead.
@@ -296,13 +296,14 @@ def test_errors_leave_the_model_unchanged(tiny_llama, config, match):
     _assert_unchanged(model, snapshot)
 
 
-def test_inject_lora_raises_before_swapping(tiny_llama):
+def test_injection_raises_before_swapping(tiny_llama):
     model = tiny_llama()
     snapshot = _snapshot(model)
     with pytest.raises(ValueError, match="not supported"):
-        inject_lora(model, LoraConfig(target_modules=["q_proj", "embed_tokens"]), "default")
+        LoraModel(model, LoraConfig(target_modules=["q_proj", "embed_tokens"]))
     _assert_unchanged(model, snapshot)
-    names = inject_lora(model, LoraConfig(target_modules=["q_proj"]), "default")
+    LoraModel(model, LoraConfig(target_modules=["q_proj"]))
+    names = [key for key, m in model.named_modules() if isinstance(m, LoraLinear)]
     assert names == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
 
 
