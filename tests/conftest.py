@@ -171,3 +171,74 @@ def tiny_t5() -> Callable[..., torch.nn.Module]:
         config = tiny_config("t5", **overrides)
         return _seeded(lambda: transformers.T5ForConditionalGeneration(config), seed)
     return make
+
+
+class _Parity:
+    """Helpers for tests that hold fastlora beside the real PEFT; the ``parity`` fixture returns one."""
+
+    @staticmethod
+    def batch(model: torch.nn.Module, seed: int = 0, labels: bool = False) -> dict[str, torch.Tensor]:
+        """Two rows of 7 tokens, the second left-padded by 2 (masks must flow through the wrappers);
+        ``decoder_input_ids`` for an encoder-decoder; ``labels`` (class ids for BERT) on request."""
+        gen = torch.Generator().manual_seed(seed)
+        vocab = model.config.vocab_size
+        input_ids = torch.randint(2, vocab, (2, 7), generator=gen)
+        attention_mask = torch.ones_like(input_ids)
+        attention_mask[1, :2] = 0
+        batch = dict(input_ids=input_ids, attention_mask=attention_mask)
+        if model.config.is_encoder_decoder:
+            batch["decoder_input_ids"] = torch.randint(2, vocab, (2, 5), generator=gen)
+        if labels:
+            batch["labels"] = torch.tensor([0, 2]) if model.config.model_type == "bert" else input_ids
+        return batch
+
+    @staticmethod
+    @torch.no_grad()
+    def out(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**batch).logits
+
+    @staticmethod
+    @torch.no_grad()
+    def perturb(model: torch.nn.Module, seed: int = 1, scale: float = 0.3) -> None:
+        """Give every trainable tensor (adapters, head copies, biases) a value no fresh model has."""
+        gen = torch.Generator().manual_seed(seed)
+        for _, param in sorted(model.named_parameters()):
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=gen, dtype=param.dtype) * scale)
+
+    @classmethod
+    def pair(cls, base: torch.nn.Module, fl_config: Any, pf_config: Any, scale: float = 0.3):
+        """(fastlora model, peft model) over copies of ``base``, PEFT's perturbed weights copied into fastlora."""
+        import copy
+
+        import peft
+
+        import fastlora
+
+        pf_model = peft.get_peft_model(copy.deepcopy(base), pf_config)
+        fl_model = fastlora.get_peft_model(copy.deepcopy(base), fl_config)
+        cls.perturb(pf_model, scale=scale)
+        fl_model.load_state_dict(pf_model.state_dict())
+        return fl_model.eval(), pf_model.eval()
+
+    @staticmethod
+    def saved_keys(folder) -> set[str]:
+        from safetensors import safe_open
+
+        with safe_open(str(folder / "adapter_model.safetensors"), "pt") as fh:
+            return set(fh.keys())
+
+    @staticmethod
+    def assert_same_grads(fl_model: torch.nn.Module, pf_model: torch.nn.Module) -> None:
+        """The same trainable names, each with the same gradient (to fp32 rounding of a backward pass)."""
+        fl_grads = {n: p.grad for n, p in fl_model.named_parameters() if p.requires_grad}
+        pf_grads = {n: p.grad for n, p in pf_model.named_parameters() if p.requires_grad}
+        assert fl_grads.keys() == pf_grads.keys()
+        for name, grad in fl_grads.items():
+            torch.testing.assert_close(grad, pf_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.fixture
+def parity() -> _Parity:
+    """``parity.batch / out / perturb / pair / saved_keys / assert_same_grads`` for fastlora-vs-PEFT tests."""
+    return _Parity()

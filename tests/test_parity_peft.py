@@ -14,7 +14,6 @@ import copy
 import peft
 import pytest
 import torch
-from safetensors import safe_open
 
 import fastlora
 
@@ -63,45 +62,13 @@ def _configs(case, **overrides):
     return fastlora.LoraConfig(**kwargs), peft.LoraConfig(**kwargs)
 
 
-def _batch(model, seed: int = 0) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    vocab = model.config.vocab_size
-    input_ids = torch.randint(2, vocab, (2, 7), generator=gen)
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, :2] = 0  # a padded row: masks must flow through the wrapper untouched
-    batch = dict(input_ids=input_ids, attention_mask=attention_mask)
-    if model.config.is_encoder_decoder:
-        batch["decoder_input_ids"] = torch.randint(2, vocab, (2, 5), generator=gen)
-    return batch
+# adapters start from a small random offset (PEFT's weights, copied into fastlora: see parity.pair)
+PERTURB = 0.1
 
 
-@torch.no_grad()
-def _out(model, batch) -> torch.Tensor:
-    return model(**batch).logits
-
-
-@torch.no_grad()
-def _perturb(model, seed: int = 1) -> None:
-    """Give every trainable tensor (adapters, head copies, biases) a value no fresh model has."""
-    gen = torch.Generator().manual_seed(seed)
-    for _, param in sorted(model.named_parameters()):
-        if param.requires_grad:
-            param.add_(torch.randn(param.shape, generator=gen, dtype=param.dtype) * 0.1)
-
-
-def _pair(case, **overrides):
+def _pair(parity, case, **overrides):
     """(fastlora model, peft model) over copies of one base, with PEFT's weights copied into fastlora."""
-    fl_config, pf_config = _configs(case, **overrides)
-    pf_model = peft.get_peft_model(copy.deepcopy(case["base"]), pf_config)
-    fl_model = fastlora.get_peft_model(copy.deepcopy(case["base"]), fl_config)
-    _perturb(pf_model)
-    fl_model.load_state_dict(pf_model.state_dict())
-    return fl_model.eval(), pf_model.eval()
-
-
-def _saved_keys(folder) -> set[str]:
-    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as fh:
-        return set(fh.keys())
+    return parity.pair(case["base"], *_configs(case, **overrides), scale=PERTURB)
 
 
 def test_same_parameter_names_and_trainable_set(case):
@@ -125,49 +92,45 @@ def test_print_trainable_parameters_identical(case, capsys):
     assert fl_text == pf_text
 
 
-def test_identical_outputs_for_identical_weights(case):
-    fl_model, pf_model = _pair(case)
-    batch = _batch(case["base"])
-    base_out = _out(case["base"], batch)
-    fl_out = _out(fl_model, batch)
+def test_identical_outputs_for_identical_weights(case, parity):
+    fl_model, pf_model = _pair(parity, case)
+    batch = parity.batch(case["base"])
+    base_out = parity.out(case["base"], batch)
+    fl_out = parity.out(fl_model, batch)
     assert not torch.allclose(fl_out, base_out, **TOL), "the adapter must change the output for this test to mean anything"
-    torch.testing.assert_close(fl_out, _out(pf_model, batch), **TOL)
+    torch.testing.assert_close(fl_out, parity.out(pf_model, batch), **TOL)
 
 
-def test_identical_gradients_for_identical_weights(case):
-    fl_model, pf_model = _pair(case)
-    batch = _batch(case["base"])
+def test_identical_gradients_for_identical_weights(case, parity):
+    fl_model, pf_model = _pair(parity, case)
+    batch = parity.batch(case["base"])
     for model in (fl_model, pf_model):
         model.train()
         torch.manual_seed(0)  # the same dropout masks in the base model (GPT-2, BERT, T5 have dropout)
         model(**batch).logits.float().pow(2).mean().backward()
-    fl_grads = {n: p.grad for n, p in fl_model.named_parameters() if p.requires_grad}
-    pf_grads = {n: p.grad for n, p in pf_model.named_parameters() if p.requires_grad}
-    assert fl_grads.keys() == pf_grads.keys()
-    for name in fl_grads:
-        torch.testing.assert_close(fl_grads[name], pf_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    parity.assert_same_grads(fl_model, pf_model)
 
 
-def test_fastlora_checkpoint_loads_in_peft(case, tmp_path):
-    fl_model, pf_model = _pair(case)
-    batch = _batch(case["base"])
+def test_fastlora_checkpoint_loads_in_peft(case, tmp_path, parity):
+    fl_model, pf_model = _pair(parity, case)
+    batch = parity.batch(case["base"])
     fl_model.save_pretrained(tmp_path / "fl")
     pf_model.save_pretrained(tmp_path / "pf")
-    assert _saved_keys(tmp_path / "fl") == _saved_keys(tmp_path / "pf")
+    assert parity.saved_keys(tmp_path / "fl") == parity.saved_keys(tmp_path / "pf")
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(case["base"]), tmp_path / "fl").eval()
-    torch.testing.assert_close(_out(loaded, batch), _out(fl_model, batch), **TOL)
+    torch.testing.assert_close(parity.out(loaded, batch), parity.out(fl_model, batch), **TOL)
 
 
-def test_peft_checkpoint_loads_in_fastlora(case, tmp_path):
-    fl_model, pf_model = _pair(case)
-    batch = _batch(case["base"])
+def test_peft_checkpoint_loads_in_fastlora(case, tmp_path, parity):
+    fl_model, pf_model = _pair(parity, case)
+    batch = parity.batch(case["base"])
     pf_model.save_pretrained(tmp_path / "pf")
     loaded = fastlora.PeftModel.from_pretrained(copy.deepcopy(case["base"]), tmp_path / "pf")
     assert type(loaded).__name__ == type(pf_model).__name__
-    torch.testing.assert_close(_out(loaded, batch), _out(pf_model, batch), **TOL)
+    torch.testing.assert_close(parity.out(loaded, batch), parity.out(pf_model, batch), **TOL)
 
 
-def test_auto_peft_model_reads_the_other_librarys_folder(case, tmp_path):
+def test_auto_peft_model_reads_the_other_librarys_folder(case, tmp_path, parity):
     import transformers
 
     base_dir = tmp_path / "base"
@@ -177,46 +140,46 @@ def test_auto_peft_model_reads_the_other_librarys_folder(case, tmp_path):
     # Bases loaded back from disk, so both sides start from exactly what the Auto class will read.
     fl_model = fastlora.get_peft_model(getattr(transformers, hf_auto).from_pretrained(base_dir), fl_config)
     pf_model = peft.get_peft_model(getattr(transformers, hf_auto).from_pretrained(base_dir), pf_config)
-    _perturb(pf_model)
+    parity.perturb(pf_model, scale=PERTURB)
     fl_model.load_state_dict(pf_model.state_dict())
     fl_model.save_pretrained(tmp_path / "fl")
     pf_model.save_pretrained(tmp_path / "pf")
-    batch = _batch(case["base"])
-    expected = _out(pf_model.eval(), batch)
+    batch = parity.batch(case["base"])
+    expected = parity.out(pf_model.eval(), batch)
 
     by_peft = getattr(peft, peft_auto).from_pretrained(tmp_path / "fl")
     by_fastlora = getattr(fastlora, peft_auto).from_pretrained(tmp_path / "pf")
     assert isinstance(by_fastlora, fastlora.PeftModel) and isinstance(by_peft, peft.PeftModel)
-    torch.testing.assert_close(_out(by_peft, batch), expected, **TOL)
-    torch.testing.assert_close(_out(by_fastlora, batch), expected, **TOL)
+    torch.testing.assert_close(parity.out(by_peft, batch), expected, **TOL)
+    torch.testing.assert_close(parity.out(by_fastlora, batch), expected, **TOL)
 
 
 @pytest.mark.parametrize("safe_merge", [False, True], ids=["merge", "safe_merge"])
-def test_merge_and_unload_matches_peft(case, safe_merge):
-    fl_model, pf_model = _pair(case)
-    batch = _batch(case["base"])
-    unmerged = _out(fl_model, batch)
+def test_merge_and_unload_matches_peft(case, safe_merge, parity):
+    fl_model, pf_model = _pair(parity, case)
+    batch = parity.batch(case["base"])
+    unmerged = parity.out(fl_model, batch)
     fl_merged = fl_model.merge_and_unload(safe_merge=safe_merge)
     pf_merged = pf_model.merge_and_unload(safe_merge=safe_merge)
     assert type(fl_merged) is type(case["base"])
     assert list(fl_merged.state_dict()) == list(case["base"].state_dict())
-    torch.testing.assert_close(_out(fl_merged, batch), unmerged, **TOL)
-    torch.testing.assert_close(_out(fl_merged, batch), _out(pf_merged, batch), **TOL)
+    torch.testing.assert_close(parity.out(fl_merged, batch), unmerged, **TOL)
+    torch.testing.assert_close(parity.out(fl_merged, batch), parity.out(pf_merged, batch), **TOL)
     pf_state = pf_merged.state_dict()
     for name, tensor in fl_merged.state_dict().items():
         torch.testing.assert_close(tensor, pf_state[name], **TOL, msg=name)
 
 
-def test_merge_adapter_then_unmerge_matches_peft(case):
-    fl_model, pf_model = _pair(case)
-    batch = _batch(case["base"])
-    unmerged = _out(fl_model, batch)
+def test_merge_adapter_then_unmerge_matches_peft(case, parity):
+    fl_model, pf_model = _pair(parity, case)
+    batch = parity.batch(case["base"])
+    unmerged = parity.out(fl_model, batch)
     fl_model.merge_adapter()
     pf_model.merge_adapter()
-    torch.testing.assert_close(_out(fl_model, batch), _out(pf_model, batch), **TOL)
-    torch.testing.assert_close(_out(fl_model, batch), unmerged, **TOL)
+    torch.testing.assert_close(parity.out(fl_model, batch), parity.out(pf_model, batch), **TOL)
+    torch.testing.assert_close(parity.out(fl_model, batch), unmerged, **TOL)
     fl_model.unmerge_adapter()
-    torch.testing.assert_close(_out(fl_model, batch), unmerged, **TOL)
+    torch.testing.assert_close(parity.out(fl_model, batch), unmerged, **TOL)
 
 
 def _second_config(lib, case):
@@ -228,26 +191,26 @@ def _second_config(lib, case):
                           target_modules=targets, **extra, **fan)
 
 
-def _outputs_per_adapter(model, batch, names):
+def _outputs_per_adapter(parity, model, batch, names):
     outs = {}
     for name in names:
         model.set_adapter(name)
-        outs[name] = _out(model, batch)
+        outs[name] = parity.out(model, batch)
     return outs
 
 
 @pytest.mark.parametrize("writer", ["fastlora", "peft"])
-def test_multiple_adapters_saved_by_one_load_in_the_other(case, writer, tmp_path):
+def test_multiple_adapters_saved_by_one_load_in_the_other(case, writer, tmp_path, parity):
     writer_lib, reader_lib = (fastlora, peft) if writer == "fastlora" else (peft, fastlora)
     config = (_configs(case)[0] if writer == "fastlora" else _configs(case)[1])
     model = writer_lib.get_peft_model(copy.deepcopy(case["base"]), config)
     model.add_adapter("second", _second_config(writer_lib, case))
     for seed, name in enumerate(("default", "second"), start=1):
         model.set_adapter(name)  # set_adapter makes that adapter's tensors trainable: perturb each in turn
-        _perturb(model, seed=seed)
+        parity.perturb(model, seed=seed, scale=PERTURB)
     model.eval()
-    batch = _batch(case["base"])
-    expected = _outputs_per_adapter(model, batch, ["default", "second"])
+    batch = parity.batch(case["base"])
+    expected = _outputs_per_adapter(parity, model, batch, ["default", "second"])
     assert not torch.allclose(expected["default"], expected["second"])
     model.save_pretrained(tmp_path)
     assert (tmp_path / "adapter_model.safetensors").is_file()
@@ -255,12 +218,12 @@ def test_multiple_adapters_saved_by_one_load_in_the_other(case, writer, tmp_path
 
     loaded = reader_lib.PeftModel.from_pretrained(copy.deepcopy(case["base"]), tmp_path)
     loaded.load_adapter(tmp_path / "second", adapter_name="second")
-    got = _outputs_per_adapter(loaded.eval(), batch, ["default", "second"])
+    got = _outputs_per_adapter(parity, loaded.eval(), batch, ["default", "second"])
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], **TOL, msg=name)
 
 
-def test_multiple_adapter_folders_have_peft_keys(case, tmp_path):
+def test_multiple_adapter_folders_have_peft_keys(case, tmp_path, parity):
     fl_config, pf_config = _configs(case)
     fl_model = fastlora.get_peft_model(copy.deepcopy(case["base"]), fl_config)
     fl_model.add_adapter("second", _second_config(fastlora, case))
@@ -269,7 +232,7 @@ def test_multiple_adapter_folders_have_peft_keys(case, tmp_path):
     fl_model.save_pretrained(tmp_path / "fl")
     pf_model.save_pretrained(tmp_path / "pf")
     for sub in ("", "second"):
-        assert _saved_keys(tmp_path / "fl" / sub) == _saved_keys(tmp_path / "pf" / sub)
+        assert parity.saved_keys(tmp_path / "fl" / sub) == parity.saved_keys(tmp_path / "pf" / sub)
 
 
 # ---- bias="all" / "lora_only": the biases are trained and saved with the adapter -----------------------
@@ -280,23 +243,23 @@ BIAS_CASES = ["gpt2-conv1d", "bert-seqcls"]
 @pytest.mark.parametrize("bias", ["all", "lora_only"])
 @pytest.mark.parametrize("writer", ["fastlora", "peft"])
 @pytest.mark.parametrize("case_name", BIAS_CASES)
-def test_bias_checkpoints_load_both_ways(request, case_name, writer, bias, tmp_path):
+def test_bias_checkpoints_load_both_ways(request, case_name, writer, bias, tmp_path, parity):
     spec = CASES[case_name]
     base = request.getfixturevalue(spec["factory"])().eval()
     case = dict(name=case_name, base=base, **spec)
-    fl_model, pf_model = _pair(case, bias=bias)  # _pair perturbs the trainable biases too
+    fl_model, pf_model = _pair(parity, case, bias=bias)  # _pair perturbs the trainable biases too
     trained = [n for n, p in pf_model.named_parameters() if p.requires_grad and n.endswith("bias")]
     assert trained, "bias != 'none' must make some bias trainable"
     assert [n for n, p in fl_model.named_parameters() if p.requires_grad] == [
         n for n, p in pf_model.named_parameters() if p.requires_grad
     ]
     writer_model, reader_lib = (fl_model, peft) if writer == "fastlora" else (pf_model, fastlora)
-    batch = _batch(base)
-    expected = _out(writer_model, batch)
+    batch = parity.batch(base)
+    expected = parity.out(writer_model, batch)
     writer_model.save_pretrained(tmp_path)
     # Load onto an untouched base: the saved biases must bring the trained values back.
     loaded = reader_lib.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
-    torch.testing.assert_close(_out(loaded, batch), expected, **TOL)
+    torch.testing.assert_close(parity.out(loaded, batch), expected, **TOL)
 
 
 # ---- config features on Llama: the same layers get the same ranks and scalings ----------------------------------
@@ -314,7 +277,7 @@ VARIANTS = {
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_config_variants_match_peft(variant, tiny_llama, tmp_path, capsys):
+def test_config_variants_match_peft(variant, tiny_llama, tmp_path, capsys, parity):
     base = tiny_llama()
     kwargs = dict(task_type="CAUSAL_LM", r=4, lora_alpha=8, init_lora_weights=False, **VARIANTS[variant])
     fl_model = fastlora.get_peft_model(copy.deepcopy(base), fastlora.LoraConfig(**kwargs)).eval()
@@ -325,13 +288,13 @@ def test_config_variants_match_peft(variant, tiny_llama, tmp_path, capsys):
     fl_text, pf_text = capsys.readouterr().out.splitlines()
     assert fl_text == pf_text
     fl_model.load_state_dict(pf_model.state_dict())
-    batch = _batch(base)
-    torch.testing.assert_close(_out(fl_model, batch), _out(pf_model, batch), **TOL)
+    batch = parity.batch(base)
+    torch.testing.assert_close(parity.out(fl_model, batch), parity.out(pf_model, batch), **TOL)
     fl_model.save_pretrained(tmp_path / "fl")
     pf_model.save_pretrained(tmp_path / "pf")
-    assert _saved_keys(tmp_path / "fl") == _saved_keys(tmp_path / "pf")
+    assert parity.saved_keys(tmp_path / "fl") == parity.saved_keys(tmp_path / "pf")
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "fl").eval()
-    torch.testing.assert_close(_out(loaded, batch), _out(pf_model, batch), **TOL)
+    torch.testing.assert_close(parity.out(loaded, batch), parity.out(pf_model, batch), **TOL)
 
 
 def test_merging_several_adapters_matches_peft(tiny_llama):

@@ -30,49 +30,14 @@ CASES = {
 SCHEDULE = dict(init_r=6, target_r=2, tinit=2, tfinal=2, deltaT=1, total_step=10, lora_alpha=8)
 
 
-@pytest.fixture(params=list(CASES), ids=list(CASES))
-def case(request):
-    spec = CASES[request.param]
-    return dict(name=request.param, base=request.getfixturevalue(spec["factory"])().eval(), **spec)
-
-
 def _configs(case, **overrides):
     kwargs = dict(task_type=case["task_type"], **SCHEDULE, **case["kwargs"])
     kwargs.update(overrides)
     return fastlora.AdaLoraConfig(**kwargs), peft.AdaLoraConfig(**kwargs)
 
 
-def _batch(model, seed: int = 0, labels: bool = False) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(2, model.config.vocab_size, (2, 7), generator=gen)
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, :2] = 0
-    batch = dict(input_ids=input_ids, attention_mask=attention_mask)
-    if labels:
-        batch["labels"] = torch.tensor([0, 2]) if model.config.model_type == "bert" else input_ids
-    return batch
-
-
-@torch.no_grad()
-def _out(model, batch) -> torch.Tensor:
-    return model(**batch).logits
-
-
-@torch.no_grad()
-def _perturb(model, seed: int = 1) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    for _, param in sorted(model.named_parameters()):
-        if param.requires_grad:
-            param.add_(torch.randn(param.shape, generator=gen, dtype=param.dtype) * 0.3)
-
-
-def _pair(case, **overrides):
-    fl_config, pf_config = _configs(case, **overrides)
-    pf_model = peft.get_peft_model(copy.deepcopy(case["base"]), pf_config)
-    fl_model = fastlora.get_peft_model(copy.deepcopy(case["base"]), fl_config)
-    _perturb(pf_model)
-    fl_model.load_state_dict(pf_model.state_dict())
-    return fl_model.eval(), pf_model.eval()
+def _pair(parity, case, **overrides):
+    return parity.pair(case["base"], *_configs(case, **overrides))
 
 
 def test_names_trainable_set_and_printout_match_peft(case, capsys):
@@ -88,12 +53,12 @@ def test_names_trainable_set_and_printout_match_peft(case, capsys):
     assert fl_text == pf_text
 
 
-def test_outputs_loss_and_gradients_match_peft(case):
-    fl_model, pf_model = _pair(case)
-    batch = _batch(case["base"], labels=True)
-    fl_out = _out(fl_model, batch)
-    assert not torch.allclose(fl_out, _out(case["base"], batch), **TOL)
-    torch.testing.assert_close(fl_out, _out(pf_model, batch), **TOL)
+def test_outputs_loss_and_gradients_match_peft(case, parity):
+    fl_model, pf_model = _pair(parity, case)
+    batch = parity.batch(case["base"], labels=True)
+    fl_out = parity.out(fl_model, batch)
+    assert not torch.allclose(fl_out, parity.out(case["base"], batch), **TOL)
+    torch.testing.assert_close(fl_out, parity.out(pf_model, batch), **TOL)
     losses = []
     for model in (fl_model, pf_model):
         model.train()
@@ -106,17 +71,13 @@ def test_outputs_loss_and_gradients_match_peft(case):
         torch.manual_seed(0)
         plain = fl_model.base_model.model(**batch).loss  # the transformers model alone: no penalty
     assert losses[0] > plain + 1e-3
-    pf_grads = {n: p.grad for n, p in pf_model.named_parameters() if p.requires_grad}
-    fl_grads = {n: p.grad for n, p in fl_model.named_parameters() if p.requires_grad}
-    assert fl_grads.keys() == pf_grads.keys()
-    for name, grad in fl_grads.items():
-        torch.testing.assert_close(grad, pf_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    parity.assert_same_grads(fl_model, pf_model)
 
 
 @pytest.mark.parametrize("writer", ["fastlora", "peft"])
-def test_checkpoints_load_both_ways(case, writer, tmp_path):
-    fl_model, pf_model = _pair(case)
-    batch = _batch(case["base"])
+def test_checkpoints_load_both_ways(case, writer, tmp_path, parity):
+    fl_model, pf_model = _pair(parity, case)
+    batch = parity.batch(case["base"])
     fl_model.save_pretrained(tmp_path / "fastlora")
     pf_model.save_pretrained(tmp_path / "peft")
     fl_saved, pf_saved = (load_file(tmp_path / w / "adapter_model.safetensors") for w in ("fastlora", "peft"))
@@ -124,22 +85,22 @@ def test_checkpoints_load_both_ways(case, writer, tmp_path):
     assert not any("ranknum" in k for k in fl_saved)  # as PEFT: ranknum is init_r, never saved
     reader = peft if writer == "fastlora" else fastlora
     loaded = reader.PeftModel.from_pretrained(copy.deepcopy(case["base"]), tmp_path / writer).eval()
-    torch.testing.assert_close(_out(loaded, batch), _out(pf_model, batch), **TOL)
+    torch.testing.assert_close(parity.out(loaded, batch), parity.out(pf_model, batch), **TOL)
 
 
 @pytest.mark.parametrize("safe_merge", [False, True], ids=["merge", "safe_merge"])
-def test_merge_and_unload_matches_peft(case, safe_merge):
-    fl_model, pf_model = _pair(case)
-    batch = _batch(case["base"])
-    unmerged = _out(fl_model, batch)
+def test_merge_and_unload_matches_peft(case, safe_merge, parity):
+    fl_model, pf_model = _pair(parity, case)
+    batch = parity.batch(case["base"])
+    unmerged = parity.out(fl_model, batch)
     fl_model.merge_adapter()
-    torch.testing.assert_close(_out(fl_model, batch), unmerged, **TOL)
+    torch.testing.assert_close(parity.out(fl_model, batch), unmerged, **TOL)
     fl_model.unmerge_adapter()
-    torch.testing.assert_close(_out(fl_model, batch), unmerged, **TOL)
+    torch.testing.assert_close(parity.out(fl_model, batch), unmerged, **TOL)
     fl_merged = fl_model.merge_and_unload(safe_merge=safe_merge)
     pf_merged = pf_model.merge_and_unload(safe_merge=safe_merge)
     assert list(fl_merged.state_dict()) == list(case["base"].state_dict())
-    torch.testing.assert_close(_out(fl_merged, batch), unmerged, **TOL)
+    torch.testing.assert_close(parity.out(fl_merged, batch), unmerged, **TOL)
     pf_state = pf_merged.state_dict()
     for name, tensor in fl_merged.state_dict().items():
         torch.testing.assert_close(tensor, pf_state[name], **TOL, msg=name)
@@ -172,7 +133,7 @@ def _train_side_by_side(base, task_type, kwargs, steps):
     return fl_model.eval(), pf_model.eval(), budgets
 
 
-def test_budget_falls_to_target_like_peft_and_pruned_adapters_load_both_ways(tiny_llama, tmp_path, capsys):
+def test_budget_falls_to_target_like_peft_and_pruned_adapters_load_both_ways(tiny_llama, tmp_path, capsys, parity):
     base = tiny_llama()
     targets = ["q_proj", "v_proj", "down_proj"]
     fl_model, pf_model, budgets = _train_side_by_side(base, "CAUSAL_LM", dict(target_modules=targets),
@@ -188,9 +149,9 @@ def test_budget_falls_to_target_like_peft_and_pruned_adapters_load_both_ways(tin
         layer = fl_model.base_model.model.get_submodule(key.removesuffix(".lora_E"))
         assert (layer.lora_E["default"].flatten()[~torch.tensor(keep)] == 0).all()
 
-    batch = _batch(base)
-    expected = _out(fl_model, batch)
-    torch.testing.assert_close(expected, _out(pf_model, batch), **TOL)
+    batch = parity.batch(base)
+    expected = parity.out(fl_model, batch)
+    torch.testing.assert_close(expected, parity.out(pf_model, batch), **TOL)
     fl_model.save_pretrained(tmp_path / "fastlora")
     pf_model.save_pretrained(tmp_path / "peft")
     for writer in ("fastlora", "peft"):
@@ -206,7 +167,7 @@ def test_budget_falls_to_target_like_peft_and_pruned_adapters_load_both_ways(tin
 
     for writer, reader in (("fastlora", peft), ("peft", fastlora), ("fastlora", fastlora)):
         loaded = reader.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / writer).eval()
-        torch.testing.assert_close(_out(loaded, batch), expected, **TOL, msg=f"{writer} -> {reader.__name__}")
+        torch.testing.assert_close(parity.out(loaded, batch), expected, **TOL, msg=f"{writer} -> {reader.__name__}")
     # a pruned adapter loaded for more training: the same shapes and counts as PEFT's
     counts = [lib.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "fastlora", is_trainable=True)
               .get_nb_trainable_parameters() for lib in (fastlora, peft)]
@@ -221,7 +182,7 @@ def test_update_and_allocate_needs_gradients(tiny_llama):
 
 # ---- several adapters: one trainable, the others for inference (as PEFT) --------------------------------------
 
-def test_several_adapters_match_peft(case):
+def test_several_adapters_match_peft(case, parity):
     second = dict(task_type=case["task_type"], **SCHEDULE, **case["kwargs"])
     second.update(target_modules=case["kwargs"]["target_modules"][:1], init_r=3, inference_mode=True,
                   init_lora_weights=False)
@@ -232,25 +193,25 @@ def test_several_adapters_match_peft(case):
         model.add_adapter("second", lib.AdaLoraConfig(**second))
         models.append(model)
     fl_model, pf_model = models
-    _perturb(pf_model)
+    parity.perturb(pf_model)
     fl_model.load_state_dict(pf_model.state_dict())
     trainable = lambda m: [n for n, p in m.named_parameters() if p.requires_grad]  # noqa: E731
     assert trainable(fl_model) == trainable(pf_model)
-    batch = _batch(case["base"])
+    batch = parity.batch(case["base"])
     outs = {}
     for name in ("default", "second"):
         for model in models:
             model.set_adapter(name)
             model.eval()
-        outs[name] = _out(fl_model, batch)
-        torch.testing.assert_close(outs[name], _out(pf_model, batch), **TOL, msg=name)
+        outs[name] = parity.out(fl_model, batch)
+        torch.testing.assert_close(outs[name], parity.out(pf_model, batch), **TOL, msg=name)
     assert not torch.allclose(outs["default"], outs["second"])
     with fl_model.disable_adapter():
-        torch.testing.assert_close(_out(fl_model, batch), _out(case["base"], batch), **TOL)
+        torch.testing.assert_close(parity.out(fl_model, batch), parity.out(case["base"], batch), **TOL)
     fl_model.delete_adapter("second")
     assert fl_model.active_adapters == ["default"]
     assert not any(".second" in k for k in fl_model.state_dict())
-    torch.testing.assert_close(_out(fl_model, batch), outs["default"], **TOL)
+    torch.testing.assert_close(parity.out(fl_model, batch), outs["default"], **TOL)
 
 
 def test_a_second_trainable_adapter_is_refused_before_any_swap(tiny_llama):

@@ -8,7 +8,6 @@ import copy
 import peft
 import pytest
 import torch
-from safetensors import safe_open
 
 import fastlora
 from fastlora.methods.ia3 import IA3Linear, _IA3Linear
@@ -28,51 +27,14 @@ CASES = {
 }
 
 
-@pytest.fixture(params=list(CASES), ids=list(CASES))
-def case(request):
-    spec = CASES[request.param]
-    return dict(name=request.param, base=request.getfixturevalue(spec["factory"])().eval(), **spec)
-
-
 def _configs(case, **overrides):
     kwargs = dict(task_type=case["task_type"], **case["kwargs"])
     kwargs.update(overrides)
     return fastlora.IA3Config(**kwargs), peft.IA3Config(**kwargs)
 
 
-def _batch(model, seed: int = 0) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(2, model.config.vocab_size, (2, 7), generator=gen)
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, :2] = 0
-    return dict(input_ids=input_ids, attention_mask=attention_mask)
-
-
-@torch.no_grad()
-def _out(model, batch) -> torch.Tensor:
-    return model(**batch).logits
-
-
-@torch.no_grad()
-def _perturb(model, seed: int = 1) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    for _, param in sorted(model.named_parameters()):
-        if param.requires_grad:
-            param.add_(torch.randn(param.shape, generator=gen, dtype=param.dtype) * 0.3)
-
-
-def _pair(case, **overrides):
-    fl_config, pf_config = _configs(case, **overrides)
-    pf_model = peft.get_peft_model(copy.deepcopy(case["base"]), pf_config)
-    fl_model = fastlora.get_peft_model(copy.deepcopy(case["base"]), fl_config)
-    _perturb(pf_model)
-    fl_model.load_state_dict(pf_model.state_dict())
-    return fl_model.eval(), pf_model.eval()
-
-
-def _saved_keys(folder) -> set[str]:
-    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as fh:
-        return set(fh.keys())
+def _pair(parity, case, **overrides):
+    return parity.pair(case["base"], *_configs(case, **overrides))
 
 
 def test_names_trainable_set_and_printout_match_peft(case, capsys):
@@ -93,69 +55,65 @@ def test_names_trainable_set_and_printout_match_peft(case, capsys):
     assert fl_ff == pf_ff and any(fl_ff.values()) and not all(fl_ff.values())
 
 
-def test_fresh_adapter_is_the_identity(case):
+def test_fresh_adapter_is_the_identity(case, parity):
     fl_model = fastlora.get_peft_model(copy.deepcopy(case["base"]), _configs(case)[0]).eval()
-    batch = _batch(case["base"])
-    torch.testing.assert_close(_out(fl_model, batch), _out(case["base"], batch), **TOL)
+    batch = parity.batch(case["base"])
+    torch.testing.assert_close(parity.out(fl_model, batch), parity.out(case["base"], batch), **TOL)
 
 
-def test_outputs_and_gradients_match_peft(case):
-    fl_model, pf_model = _pair(case)
-    batch = _batch(case["base"])
-    fl_out = _out(fl_model, batch)
-    assert not torch.allclose(fl_out, _out(case["base"], batch), **TOL)
-    torch.testing.assert_close(fl_out, _out(pf_model, batch), **TOL)
+def test_outputs_and_gradients_match_peft(case, parity):
+    fl_model, pf_model = _pair(parity, case)
+    batch = parity.batch(case["base"])
+    fl_out = parity.out(fl_model, batch)
+    assert not torch.allclose(fl_out, parity.out(case["base"], batch), **TOL)
+    torch.testing.assert_close(fl_out, parity.out(pf_model, batch), **TOL)
     for model in (fl_model, pf_model):
         model.train()
         torch.manual_seed(0)
         model(**batch).logits.pow(2).mean().backward()
-    pf_grads = {n: p.grad for n, p in pf_model.named_parameters() if p.requires_grad}
-    fl_grads = {n: p.grad for n, p in fl_model.named_parameters() if p.requires_grad}
-    assert fl_grads.keys() == pf_grads.keys()
-    for name, grad in fl_grads.items():
-        torch.testing.assert_close(grad, pf_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    parity.assert_same_grads(fl_model, pf_model)
 
 
 @pytest.mark.parametrize("writer", ["fastlora", "peft"])
-def test_checkpoints_load_both_ways(case, writer, tmp_path):
-    fl_model, pf_model = _pair(case)
-    batch = _batch(case["base"])
+def test_checkpoints_load_both_ways(case, writer, tmp_path, parity):
+    fl_model, pf_model = _pair(parity, case)
+    batch = parity.batch(case["base"])
     fl_model.save_pretrained(tmp_path / "fastlora")
     pf_model.save_pretrained(tmp_path / "peft")
-    assert _saved_keys(tmp_path / "fastlora") == _saved_keys(tmp_path / "peft")
-    assert any(k.endswith(".ia3_l") for k in _saved_keys(tmp_path / "fastlora"))
+    assert parity.saved_keys(tmp_path / "fastlora") == parity.saved_keys(tmp_path / "peft")
+    assert any(k.endswith(".ia3_l") for k in parity.saved_keys(tmp_path / "fastlora"))
     reader = peft if writer == "fastlora" else fastlora
     loaded = reader.PeftModel.from_pretrained(copy.deepcopy(case["base"]), tmp_path / writer).eval()
-    torch.testing.assert_close(_out(loaded, batch), _out(pf_model, batch), **TOL)
+    torch.testing.assert_close(parity.out(loaded, batch), parity.out(pf_model, batch), **TOL)
     assert not any(p.requires_grad for p in loaded.parameters())  # loaded for inference, as PEFT does
 
 
 @pytest.mark.parametrize("safe_merge", [False, True], ids=["merge", "safe_merge"])
-def test_merge_and_unload_matches_peft(case, safe_merge):
-    fl_model, pf_model = _pair(case)
-    batch = _batch(case["base"])
-    unmerged = _out(fl_model, batch)
+def test_merge_and_unload_matches_peft(case, safe_merge, parity):
+    fl_model, pf_model = _pair(parity, case)
+    batch = parity.batch(case["base"])
+    unmerged = parity.out(fl_model, batch)
     fl_merged = fl_model.merge_and_unload(safe_merge=safe_merge)
     pf_merged = pf_model.merge_and_unload(safe_merge=safe_merge)
     assert type(fl_merged) is type(case["base"])
     assert list(fl_merged.state_dict()) == list(case["base"].state_dict())
-    torch.testing.assert_close(_out(fl_merged, batch), unmerged, **TOL)
+    torch.testing.assert_close(parity.out(fl_merged, batch), unmerged, **TOL)
     pf_state = pf_merged.state_dict()
     for name, tensor in fl_merged.state_dict().items():
         torch.testing.assert_close(tensor, pf_state[name], **TOL, msg=name)
 
 
-def test_merge_adapter_then_unmerge(case):
-    fl_model, pf_model = _pair(case)
-    batch = _batch(case["base"])
-    unmerged = _out(fl_model, batch)
+def test_merge_adapter_then_unmerge(case, parity):
+    fl_model, pf_model = _pair(parity, case)
+    batch = parity.batch(case["base"])
+    unmerged = parity.out(fl_model, batch)
     before = {k: v.clone() for k, v in fl_model.state_dict().items()}
     fl_model.merge_adapter()
     pf_model.merge_adapter()
-    torch.testing.assert_close(_out(fl_model, batch), unmerged, **TOL)
-    torch.testing.assert_close(_out(fl_model, batch), _out(pf_model, batch), **TOL)
+    torch.testing.assert_close(parity.out(fl_model, batch), unmerged, **TOL)
+    torch.testing.assert_close(parity.out(fl_model, batch), parity.out(pf_model, batch), **TOL)
     fl_model.unmerge_adapter()
-    torch.testing.assert_close(_out(fl_model, batch), unmerged, **TOL)
+    torch.testing.assert_close(parity.out(fl_model, batch), unmerged, **TOL)
     for name, tensor in fl_model.state_dict().items():
         torch.testing.assert_close(tensor, before[name], rtol=1e-5, atol=1e-6, msg=name)
 
@@ -173,7 +131,7 @@ def test_safe_merge_refuses_nan_and_changes_nothing(tiny_llama):
         assert torch.equal(tensor, before[name]) or name.endswith("ia3_l.default"), name
 
 
-def test_several_adapters_match_peft_and_checkpoints_cross(case, tmp_path):
+def test_several_adapters_match_peft_and_checkpoints_cross(case, tmp_path, parity):
     second = dict(case["kwargs"])
     second["target_modules"] = (second.get("target_modules") or ["k_proj", "v_proj", "down_proj"])[:1]
     second["feedforward_modules"] = []
@@ -185,30 +143,30 @@ def test_several_adapters_match_peft_and_checkpoints_cross(case, tmp_path):
         assert [n for n, p in model.named_parameters() if p.requires_grad and ".second" in n] == []
         for seed, name in enumerate(("default", "second"), start=1):
             model.set_adapter(name)
-            _perturb(model, seed=seed)
+            parity.perturb(model, seed=seed)
         models.append(model.eval())
     fl_model, pf_model = models
-    batch = _batch(case["base"])
+    batch = parity.batch(case["base"])
     outs = {}
     for name in ("default", "second"):
         for model in models:
             model.set_adapter(name)
-        outs[name] = _out(fl_model, batch)
-        torch.testing.assert_close(outs[name], _out(pf_model, batch), **TOL, msg=name)
+        outs[name] = parity.out(fl_model, batch)
+        torch.testing.assert_close(outs[name], parity.out(pf_model, batch), **TOL, msg=name)
     assert not torch.allclose(outs["default"], outs["second"])
     with fl_model.disable_adapter():
-        torch.testing.assert_close(_out(fl_model, batch), _out(case["base"], batch), **TOL)
+        torch.testing.assert_close(parity.out(fl_model, batch), parity.out(case["base"], batch), **TOL)
     fl_model.save_pretrained(tmp_path)
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(case["base"]), tmp_path)
     loaded.load_adapter(tmp_path / "second", adapter_name="second")
     loaded.set_adapter("second")
-    torch.testing.assert_close(_out(loaded.eval(), batch), outs["second"], **TOL)
+    torch.testing.assert_close(parity.out(loaded.eval(), batch), outs["second"], **TOL)
 
     for model in models:
         model.delete_adapter("second")
     assert list(fl_model.state_dict()) == list(pf_model.state_dict())
     assert fl_model.active_adapters == pf_model.active_adapters == ["default"]
-    torch.testing.assert_close(_out(fl_model, batch), outs["default"], **TOL)
+    torch.testing.assert_close(parity.out(fl_model, batch), outs["default"], **TOL)
 
 
 # ---- the scaling op itself ----------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ import copy
 import peft
 import pytest
 import torch
-from safetensors import safe_open
 
 import fastlora
 from fastlora.methods import loha as loha_module
@@ -31,51 +30,14 @@ CASES = {
 }
 
 
-@pytest.fixture(params=list(CASES), ids=list(CASES))
-def case(request):
-    spec = CASES[request.param]
-    return dict(name=request.param, base=request.getfixturevalue(spec["factory"])().eval(), **spec)
-
-
 def _configs(case, **overrides):
     kwargs = dict(task_type=case["task_type"], **case["kwargs"])
     kwargs.update(overrides)
     return fastlora.LoHaConfig(**kwargs), peft.LoHaConfig(**kwargs)
 
 
-def _batch(model, seed: int = 0) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(2, model.config.vocab_size, (2, 7), generator=gen)
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, :2] = 0
-    return dict(input_ids=input_ids, attention_mask=attention_mask)
-
-
-@torch.no_grad()
-def _out(model, batch) -> torch.Tensor:
-    return model(**batch).logits
-
-
-@torch.no_grad()
-def _perturb(model, seed: int = 1) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    for _, param in sorted(model.named_parameters()):
-        if param.requires_grad:
-            param.add_(torch.randn(param.shape, generator=gen, dtype=param.dtype) * 0.3)
-
-
-def _pair(case, **overrides):
-    fl_config, pf_config = _configs(case, **overrides)
-    pf_model = peft.get_peft_model(copy.deepcopy(case["base"]), pf_config)
-    fl_model = fastlora.get_peft_model(copy.deepcopy(case["base"]), fl_config)
-    _perturb(pf_model)
-    fl_model.load_state_dict(pf_model.state_dict())
-    return fl_model.eval(), pf_model.eval()
-
-
-def _saved_keys(folder) -> set[str]:
-    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as fh:
-        return set(fh.keys())
+def _pair(parity, case, **overrides):
+    return parity.pair(case["base"], *_configs(case, **overrides))
 
 
 def test_names_trainable_set_and_printout_match_peft(case, capsys):
@@ -94,70 +56,66 @@ def test_names_trainable_set_and_printout_match_peft(case, capsys):
     assert fl_layers == pf_layers
 
 
-def test_fresh_adapter_is_the_identity(case):
+def test_fresh_adapter_is_the_identity(case, parity):
     fl_model = fastlora.get_peft_model(copy.deepcopy(case["base"]), _configs(case)[0]).eval()
-    batch = _batch(case["base"])
-    torch.testing.assert_close(_out(fl_model, batch), _out(case["base"], batch), **TOL)
+    batch = parity.batch(case["base"])
+    torch.testing.assert_close(parity.out(fl_model, batch), parity.out(case["base"], batch), **TOL)
 
 
-def test_outputs_and_gradients_match_peft(case):
-    fl_model, pf_model = _pair(case)
-    batch = _batch(case["base"])
-    fl_out = _out(fl_model, batch)
-    assert not torch.allclose(fl_out, _out(case["base"], batch), **TOL)
-    torch.testing.assert_close(fl_out, _out(pf_model, batch), **TOL)
+def test_outputs_and_gradients_match_peft(case, parity):
+    fl_model, pf_model = _pair(parity, case)
+    batch = parity.batch(case["base"])
+    fl_out = parity.out(fl_model, batch)
+    assert not torch.allclose(fl_out, parity.out(case["base"], batch), **TOL)
+    torch.testing.assert_close(fl_out, parity.out(pf_model, batch), **TOL)
     for model in (fl_model, pf_model):
         model.train()
         torch.manual_seed(0)
         model(**batch).logits.pow(2).mean().backward()
-    pf_grads = {n: p.grad for n, p in pf_model.named_parameters() if p.requires_grad}
-    fl_grads = {n: p.grad for n, p in fl_model.named_parameters() if p.requires_grad}
-    assert fl_grads.keys() == pf_grads.keys()
-    for name, grad in fl_grads.items():
-        torch.testing.assert_close(grad, pf_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    parity.assert_same_grads(fl_model, pf_model)
 
 
 @pytest.mark.parametrize("writer", ["fastlora", "peft"])
-def test_checkpoints_load_both_ways(case, writer, tmp_path):
-    fl_model, pf_model = _pair(case)
-    batch = _batch(case["base"])
+def test_checkpoints_load_both_ways(case, writer, tmp_path, parity):
+    fl_model, pf_model = _pair(parity, case)
+    batch = parity.batch(case["base"])
     fl_model.save_pretrained(tmp_path / "fastlora")
     pf_model.save_pretrained(tmp_path / "peft")
-    keys = _saved_keys(tmp_path / "fastlora")
-    assert keys == _saved_keys(tmp_path / "peft")
+    keys = parity.saved_keys(tmp_path / "fastlora")
+    assert keys == parity.saved_keys(tmp_path / "peft")
     assert {k.rpartition(".")[2] for k in keys if ".hada_" in k} == {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}
     reader = peft if writer == "fastlora" else fastlora
     loaded = reader.PeftModel.from_pretrained(copy.deepcopy(case["base"]), tmp_path / writer).eval()
-    torch.testing.assert_close(_out(loaded, batch), _out(pf_model, batch), **TOL)
+    torch.testing.assert_close(parity.out(loaded, batch), parity.out(pf_model, batch), **TOL)
 
 
 @pytest.mark.parametrize("safe_merge", [False, True], ids=["merge", "safe_merge"])
-def test_merge_and_unload_matches_peft(case, safe_merge):
-    fl_model, pf_model = _pair(case)
-    batch = _batch(case["base"])
-    unmerged = _out(fl_model, batch)
+def test_merge_and_unload_matches_peft(case, safe_merge, parity):
+    fl_model, pf_model = _pair(parity, case)
+    batch = parity.batch(case["base"])
+    unmerged = parity.out(fl_model, batch)
     fl_merged = fl_model.merge_and_unload(safe_merge=safe_merge)
     pf_merged = pf_model.merge_and_unload(safe_merge=safe_merge)
     assert list(fl_merged.state_dict()) == list(case["base"].state_dict())
-    torch.testing.assert_close(_out(fl_merged, batch), unmerged, **TOL)
+    torch.testing.assert_close(parity.out(fl_merged, batch), unmerged, **TOL)
     pf_state = pf_merged.state_dict()
     for name, tensor in fl_merged.state_dict().items():
         torch.testing.assert_close(tensor, pf_state[name], **TOL, msg=name)
 
 
-def test_merge_adapter_then_unmerge(case):
-    fl_model, _ = _pair(case)
-    batch = _batch(case["base"])
-    unmerged = _out(fl_model, batch)
+def test_merge_adapter_then_unmerge(case, parity):
+    fl_model, _ = _pair(parity, case)
+    batch = parity.batch(case["base"])
+    unmerged = parity.out(fl_model, batch)
     fl_model.merge_adapter()
-    torch.testing.assert_close(_out(fl_model, batch), unmerged, **TOL)
+    torch.testing.assert_close(parity.out(fl_model, batch), unmerged, **TOL)
     fl_model.unmerge_adapter()
-    torch.testing.assert_close(_out(fl_model, batch), unmerged, **TOL)
+    torch.testing.assert_close(parity.out(fl_model, batch), unmerged, **TOL)
     with fl_model.disable_adapter():
-        torch.testing.assert_close(_out(fl_model, batch), _out(case["base"], batch), **TOL)
+        torch.testing.assert_close(parity.out(fl_model, batch), parity.out(case["base"], batch), **TOL)
 
 
-def test_several_adapters_match_peft_and_checkpoints_cross(tiny_llama, tmp_path):
+def test_several_adapters_match_peft_and_checkpoints_cross(tiny_llama, tmp_path, parity):
     base = tiny_llama()
     models = []
     for lib in (fastlora, peft):
@@ -165,34 +123,34 @@ def test_several_adapters_match_peft_and_checkpoints_cross(tiny_llama, tmp_path)
         model.add_adapter("second", lib.LoHaConfig(r=3, alpha=6, target_modules=["q_proj", "o_proj"]))
         for seed, name in enumerate(("default", "second"), start=1):
             model.set_adapter(name)
-            _perturb(model, seed=seed)
+            parity.perturb(model, seed=seed)
         models.append(model.eval())
     fl_model, pf_model = models
     fl_model.load_state_dict(pf_model.state_dict())
-    batch = _batch(base)
+    batch = parity.batch(base)
     outs = {}
     for name in ("default", "second"):
         for model in models:
             model.set_adapter(name)
         assert [n for n, p in fl_model.named_parameters() if p.requires_grad] == \
             [n for n, p in pf_model.named_parameters() if p.requires_grad]
-        outs[name] = _out(fl_model, batch)
-        torch.testing.assert_close(outs[name], _out(pf_model, batch), **TOL, msg=name)
+        outs[name] = parity.out(fl_model, batch)
+        torch.testing.assert_close(outs[name], parity.out(pf_model, batch), **TOL, msg=name)
     assert not torch.allclose(outs["default"], outs["second"])
     fl_model.save_pretrained(tmp_path)
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
     loaded.load_adapter(tmp_path / "second", adapter_name="second")
     for name in ("default", "second"):
         loaded.set_adapter(name)
-        torch.testing.assert_close(_out(loaded.eval(), batch), outs[name], **TOL, msg=name)
+        torch.testing.assert_close(parity.out(loaded.eval(), batch), outs[name], **TOL, msg=name)
     merged = copy.deepcopy(fl_model).merge_and_unload(adapter_names=["default", "second"])
     pf_merged = pf_model.merge_and_unload(adapter_names=["default", "second"])
-    torch.testing.assert_close(_out(merged, batch), _out(pf_merged, batch), **TOL)
+    torch.testing.assert_close(parity.out(merged, batch), parity.out(pf_merged, batch), **TOL)
 
     fl_model.delete_adapter("second")
     assert fl_model.active_adapters == ["default"]
     assert not any(".second" in k for k in fl_model.state_dict())
-    torch.testing.assert_close(_out(fl_model, batch), outs["default"], **TOL)
+    torch.testing.assert_close(parity.out(fl_model, batch), outs["default"], **TOL)
 
 
 # ---- the two forward forms ------------------------------------------------------------------------------------
@@ -230,19 +188,19 @@ def _forward_with(layer, x, factors):
     return layer(x)
 
 
-def test_module_and_rank_dropout_only_in_training(tiny_llama):
+def test_module_and_rank_dropout_only_in_training(tiny_llama, parity):
     base = tiny_llama()
-    batch = _batch(base)
+    batch = parity.batch(base)
     off = fastlora.get_peft_model(copy.deepcopy(base), fastlora.LoHaConfig(r=2, module_dropout=1.0, init_weights=False,
                                                                         target_modules=["q_proj"]))
-    torch.testing.assert_close(_out(off.train(), batch), _out(base, batch))  # every adapter dropped
-    assert not torch.allclose(_out(off.eval(), batch), _out(base, batch))
+    torch.testing.assert_close(parity.out(off.train(), batch), parity.out(base, batch))  # every adapter dropped
+    assert not torch.allclose(parity.out(off.eval(), batch), parity.out(base, batch))
     ranked = fastlora.get_peft_model(copy.deepcopy(base), fastlora.LoHaConfig(r=2, rank_dropout=0.5, init_weights=False,
                                                                            target_modules=["q_proj"]))
-    evaluated = _out(ranked.eval(), batch)
+    evaluated = parity.out(ranked.eval(), batch)
     torch.manual_seed(0)
-    assert not torch.allclose(_out(ranked.train(), batch), evaluated)
-    torch.testing.assert_close(_out(ranked.eval(), batch), evaluated)
+    assert not torch.allclose(parity.out(ranked.train(), batch), evaluated)
+    torch.testing.assert_close(parity.out(ranked.eval(), batch), evaluated)
 
 
 # ---- bad input: clear errors before any module is swapped ---------------------------------------------------
