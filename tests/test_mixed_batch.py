@@ -73,6 +73,12 @@ def _alone(model, name, **inputs):
 
 
 @torch.no_grad()
+def _assert_same_logits(ours, theirs, **inputs):
+    """One forward of each library on the same inputs (``adapter_names`` included): the same logits."""
+    torch.testing.assert_close(ours(**inputs).logits, theirs(**inputs).logits, **TOL)
+
+
+@torch.no_grad()
 def _alone_generate(model, name, **inputs):
     if name == "__base__":
         with model.disable_adapter():
@@ -168,9 +174,7 @@ def test_gpt2_conv1d_matches_peft(tiny_gpt2):
                          adapters={"first": dict(r=4, lora_alpha=8), "second": dict(r=16, lora_alpha=8)})
     ids = _ids(3, 6, seed=4)
     names = ["second", "first", "__base__"]
-    with torch.no_grad():
-        torch.testing.assert_close(ours(input_ids=ids, adapter_names=names).logits,
-                                   theirs(input_ids=ids, adapter_names=names).logits, **TOL)
+    _assert_same_logits(ours, theirs, input_ids=ids, adapter_names=names)
 
 
 def test_t5_encoder_decoder_matches_peft_forward_and_beam_search(tiny_t5):
@@ -179,10 +183,7 @@ def test_t5_encoder_decoder_matches_peft_forward_and_beam_search(tiny_t5):
     ids = _ids(3, 6, seed=5)
     names = ["first", "__base__", "second"]
     dec = _ids(3, 4, seed=6)
-    with torch.no_grad():
-        torch.testing.assert_close(
-            ours(input_ids=ids, decoder_input_ids=dec, adapter_names=names).logits,
-            theirs(input_ids=ids, decoder_input_ids=dec, adapter_names=names).logits, **TOL)
+    _assert_same_logits(ours, theirs, input_ids=ids, decoder_input_ids=dec, adapter_names=names)
     # beams: the decoder sees 2 rows per sequence, the encoder one
     kwargs = dict(max_new_tokens=3, num_beams=2, do_sample=False)
     assert torch.equal(ours.generate(input_ids=ids, adapter_names=names, **kwargs),
@@ -205,9 +206,7 @@ def test_popularity_patterns_match_peft(pair, pattern):
     theirs, ours = pair
     names = POPULARITY[pattern]
     ids = _ids(len(names), 5, seed=7)
-    with torch.no_grad():
-        torch.testing.assert_close(ours(input_ids=ids, adapter_names=names).logits,
-                                   theirs(input_ids=ids, adapter_names=names).logits, **TOL)
+    _assert_same_logits(ours, theirs, input_ids=ids, adapter_names=names)
 
 
 # ---- adapters coming and going ------------------------------------------------------------------------------------
@@ -221,9 +220,7 @@ def test_deleted_adapter_frees_its_slot_and_the_others_stay_exact(pair):
     slots = fastlora.adapter_slots(ours)
     ours.delete_adapter("r8")
     theirs.delete_adapter("r8")
-    with torch.no_grad():
-        torch.testing.assert_close(ours(input_ids=ids, adapter_names=names).logits,
-                                   theirs(input_ids=ids, adapter_names=names).logits, **TOL)
+    _assert_same_logits(ours, theirs, input_ids=ids, adapter_names=names)
     after = fastlora.adapter_slots(ours)
     assert "r8" not in after and all(after[n] == slots[n] for n in after)  # the others keep their slots
     with pytest.raises(ValueError, match="non-existing adapter.*r8"):
@@ -237,9 +234,7 @@ def test_deleted_adapter_frees_its_slot_and_the_others_stay_exact(pair):
     theirs.load_state_dict({k: v for k, v in ours.state_dict().items() if ".new." in k}, strict=False)
     assert fastlora.adapter_slots(ours)["new"] == slots["r8"]
     names = ["new", "r4", "__base__", "new"]
-    with torch.no_grad():
-        torch.testing.assert_close(ours(input_ids=ids, adapter_names=names).logits,
-                                   theirs(input_ids=ids, adapter_names=names).logits, **TOL)
+    _assert_same_logits(ours, theirs, input_ids=ids, adapter_names=names)
 
 
 def test_new_weights_for_an_adapter_show_in_the_next_batch(pair):
