@@ -17,7 +17,7 @@ import torch
 
 BACKENDS = ("auto", "reference", "triton")
 
-__all__ = ["BACKENDS", "get_backend", "resolve_backend", "load_kernels", "warn_once"]
+__all__ = ["BACKENDS", "get_backend", "resolve_backend", "load_kernels", "serving_kernels", "warn_once"]
 
 
 def get_backend() -> str:
@@ -74,3 +74,18 @@ def resolve_backend(op: str, device: torch.device):
         warn_once(module)
         return None
     return module
+
+
+def serving_kernels(op: str, device: torch.device, *call):
+    """The kernels module when it serves this call of ``op``, else None (the reference), saying once why
+    not. The kernels are asked through ``op``'s last entry point, its unsupported-reason function, with
+    ``call``. An op's forward and backward both ask with the forward's inputs, so they always agree (the
+    two backends draw different dropout masks)."""
+    kernels = resolve_backend(op, device)
+    if kernels is None:
+        return None
+    reason = getattr(kernels, _ENTRY_POINTS[op][-1])(*call)
+    if reason is not None:
+        warn_once(f"the Triton kernels do not cover this call: {reason}")
+        return None
+    return kernels

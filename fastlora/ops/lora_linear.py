@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from fastlora import reference
-from fastlora.ops.dispatch import resolve_backend, warn_once
+from fastlora.ops.dispatch import resolve_backend, serving_kernels
 
 __all__ = ["lora_linear"]
 
@@ -30,18 +30,7 @@ _COMPOSITE_MAX_ROWS = 4
 
 
 def _kernels_for(x, weight, bias, lora_A, lora_B, dropout_p):
-    """The kernels module when it serves this call, else None (the reference), saying once why not.
-
-    Forward and backward both ask with the forward's inputs, so they always agree: the two backends
-    draw different dropout masks.
-    """
-    kernels = resolve_backend("lora_linear", x.device)
-    if kernels is not None:
-        reason = kernels.unsupported_reason(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, dropout_p)
-        if reason is not None:
-            warn_once(f"the Triton kernels do not cover this call: {reason}")
-            return None
-    return kernels
+    return serving_kernels("lora_linear", x.device, x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, dropout_p)
 
 
 def _forward(

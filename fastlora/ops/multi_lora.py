@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from fastlora import reference_multi
-from fastlora.ops.dispatch import resolve_backend, warn_once
+from fastlora.ops.dispatch import serving_kernels
 
 __all__ = ["ROWS_MAX_TOKENS", "AdapterBatch", "adapter_batch", "multi_lora_add_"]
 
@@ -92,14 +92,7 @@ def adapter_batch(token_slots: torch.Tensor, num_slots: int, block_m: int | None
 # ---- the op -----------------------------------------------------------------------------------------------------
 
 def _kernels_for(y, x, lora_A, lora_B, ranks, scalings, token_slots):
-    """The kernels module when it serves this call, else None (the reference), saying once why not."""
-    kernels = resolve_backend("multi_lora", x.device)
-    if kernels is not None:
-        reason = kernels.multi_lora_unsupported_reason(y, x, lora_A, lora_B, ranks, scalings, token_slots)
-        if reason is not None:
-            warn_once(f"the Triton kernels do not cover this call: {reason}")
-            return None
-    return kernels
+    return serving_kernels("multi_lora", x.device, y, x, lora_A, lora_B, ranks, scalings, token_slots)
 
 
 def _multi_lora_add(

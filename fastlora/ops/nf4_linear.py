@@ -19,7 +19,7 @@ import functools
 import torch
 
 from fastlora import reference
-from fastlora.ops.dispatch import resolve_backend, warn_once
+from fastlora.ops.dispatch import resolve_backend, serving_kernels
 from fastlora.quant.nf4 import NF4_CODE, NF4State, dequantize_nf4
 
 __all__ = ["nf4_linear"]
@@ -33,15 +33,8 @@ def _code_on(device: torch.device) -> torch.Tensor:
 
 
 def _kernels_for(x, packed, state, bias, lora_A, lora_B, dropout_p):
-    """The kernels module when it serves this call, else None (the reference), saying once why not."""
-    kernels = resolve_backend("nf4_linear", x.device)
-    if kernels is not None:
-        reason = kernels.nf4_unsupported_reason(x.reshape(-1, x.shape[-1]), packed, state, bias, lora_A, lora_B,
-                                                dropout_p)
-        if reason is not None:
-            warn_once(f"the NF4 Triton kernels do not cover this call: {reason}")
-            return None
-    return kernels
+    return serving_kernels("nf4_linear", x.device, x.reshape(-1, x.shape[-1]), packed, state, bias, lora_A, lora_B,
+                           dropout_p)
 
 
 def _state(absmax, nested_absmax, nested_code, offset, shape, blocksize, nested_blocksize,
