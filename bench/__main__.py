@@ -19,17 +19,7 @@ from pathlib import Path
 import torch
 
 from bench import lora_linear, nf4_linear, train_step
-from bench.common import (
-    MODES,
-    default_dtype,
-    dtype_name,
-    environment,
-    measure_memory,
-    parse_dtype,
-    pick_device,
-    time_calls,
-    time_cuda_graph,
-)
+from bench.common import MODES, dtype_name, environment, measure_memory, setup_device, time_calls, time_cuda_graph
 from bench.report import comparisons, write_csv, write_json, write_markdown, write_plots
 
 OPS = {"lora_linear": lora_linear, "nf4_linear": nf4_linear, "train_step": train_step}
@@ -182,10 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
     if any(mode not in MODES for mode in modes):
         raise SystemExit(f"--modes: choose from {', '.join(MODES)}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
-    dtype = parse_dtype(args.dtype) if args.dtype else default_dtype(device)
+    device, dtype = setup_device(args.device, args.dtype, args.threads)
     preset = "quick" if args.quick else "full"
     budget = args.budget if args.budget is not None else (0.15 if args.quick else 0.25)
     env = environment(device)

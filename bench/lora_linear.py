@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.common import MODES, Call
+from bench.common import MODES, Call, OneLinear, dense_linear, random_x_dy
 
 __all__ = ["OP", "PROVIDERS", "Inputs", "Spec", "build", "check_same_output", "mode_call", "specs"]
 
@@ -78,19 +78,6 @@ def specs(device: torch.device, preset: str = "full", modes=MODES) -> list[Spec]
     return out
 
 
-class _OneLinear(nn.Module):
-    """The smallest model both libraries can wrap: one ``nn.Linear`` named ``proj``."""
-
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        self.proj = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            self.proj.weight.copy_(weight)
-
-    def forward(self, x):
-        return self.proj(x)
-
-
 def _lora_layers(weight: torch.Tensor, r: int, dropout: float) -> dict[str, nn.Module]:
     """PEFT's and fastlora's layer around the same weight, with the same adapter weights."""
     import peft
@@ -98,8 +85,8 @@ def _lora_layers(weight: torch.Tensor, r: int, dropout: float) -> dict[str, nn.M
     import fastlora
 
     kwargs = dict(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=["proj"], init_lora_weights=False)
-    theirs = peft.get_peft_model(_OneLinear(weight), peft.LoraConfig(**kwargs)).base_model.model.proj
-    ours = fastlora.get_peft_model(_OneLinear(weight), fastlora.LoraConfig(**kwargs)).base_model.model.proj
+    theirs = peft.get_peft_model(OneLinear(dense_linear(weight)), peft.LoraConfig(**kwargs)).base_model.model.proj
+    ours = fastlora.get_peft_model(OneLinear(dense_linear(weight)), fastlora.LoraConfig(**kwargs)).base_model.model.proj
     ours.load_state_dict(theirs.state_dict())  # same key names (PEFT's layout), so same adapter weights
     for layer in (theirs, ours):
         layer.train()
@@ -138,10 +125,7 @@ class Inputs:
     def x_dy(self, m: int, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         self._focus(k, n)
         if (m, k, n) not in self._inputs:
-            gen = torch.Generator().manual_seed(self.seed + 1)
-            x = torch.randn(m, k, generator=gen).to(self.device, self.dtype).requires_grad_(True)
-            dy = torch.randn(m, n, generator=gen).to(self.device, self.dtype)
-            self._inputs[(m, k, n)] = (x, dy)
+            self._inputs[(m, k, n)] = random_x_dy(m, k, n, self.seed + 1, self.device, self.dtype)
         return self._inputs[(m, k, n)]
 
     def layer(self, provider: str, k: int, n: int, r: int, dropout: float) -> nn.Module:

@@ -39,11 +39,11 @@ from torch import nn
 
 from bench.common import (
     Call,
-    default_dtype,
+    OneLinear,
+    dense_linear,
     dtype_name,
     environment,
-    parse_dtype,
-    pick_device,
+    setup_device,
     time_calls,
     time_cuda_graph,
 )
@@ -149,17 +149,6 @@ def sequence_adapters(popularity: str, batch: int, count: int, base_share: float
     return names
 
 
-class _OneLinear(nn.Module):
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        self.proj = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            self.proj.weight.copy_(weight)
-
-    def forward(self, x):
-        return self.proj(x)
-
-
 def _models(weight: torch.Tensor, ranks: list[int]) -> dict[str, nn.Module]:
     """PEFT's and fastlora's one-layer models with the same adapters ``ad0``, ``ad1``, ..."""
     import peft
@@ -172,7 +161,7 @@ def _models(weight: torch.Tensor, ranks: list[int]) -> dict[str, nn.Module]:
         for i, r in enumerate(ranks):
             config = lib.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"], init_lora_weights=False)
             if model is None:
-                model = lib.get_peft_model(_OneLinear(weight), config, adapter_name=f"ad{i}")
+                model = lib.get_peft_model(OneLinear(dense_linear(weight)), config, adapter_name=f"ad{i}")
             else:
                 model.add_adapter(f"ad{i}", config)
         models[name] = model.eval()
@@ -342,10 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
-    dtype = parse_dtype(args.dtype) if args.dtype else default_dtype(device)
+    device, dtype = setup_device(args.device, args.dtype, args.threads)
     env = environment(device)
     total = len(_groups(specs(device, args.preset)))
     done = [0]

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.common import MODES, Call
+from bench.common import MODES, Call, OneLinear, dense_linear, random_x_dy
 from bench.lora_linear import mode_call
 
 __all__ = ["BLOCKSIZE", "OP", "PROVIDERS", "Inputs", "Spec", "bnb_linear4bit", "build", "check_outputs",
@@ -117,16 +117,6 @@ def specs(device: torch.device, preset: str = "full", modes=MODES) -> list[Spec]
 
 
 # ---- the layers ----------------------------------------------------------------------------------------
-class _OneLinear(nn.Module):
-    """The smallest model both libraries can wrap: one linear layer named ``proj``."""
-
-    def __init__(self, proj: nn.Module):
-        super().__init__()
-        self.proj = proj
-
-    def forward(self, x):
-        return self.proj(x)
-
 
 def bnb_linear4bit(weight: torch.Tensor, double_quant: bool, compute_dtype: torch.dtype,
                    bias: torch.Tensor | None = None) -> nn.Module:
@@ -144,20 +134,13 @@ def bnb_linear4bit(weight: torch.Tensor, double_quant: bool, compute_dtype: torc
     return layer.to(weight.device)  # quantizes (on CPU too)
 
 
-def _dense(weight: torch.Tensor) -> nn.Linear:
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-    return layer
-
-
 def _quantized(provider: str, weight: torch.Tensor, double_quant: bool, dtype: torch.dtype):
     """The layer (or, for ``dequant_matmul``, the ``(packed, state)`` pair) of one no-adapter provider."""
     import fastlora
 
     if provider == "bnb":
         return bnb_linear4bit(weight, double_quant, dtype).train()
-    layer = fastlora.LinearNF4.from_linear(_dense(weight), blocksize=BLOCKSIZE, double_quant=double_quant).train()
+    layer = fastlora.LinearNF4.from_linear(dense_linear(weight), blocksize=BLOCKSIZE, double_quant=double_quant).train()
     return (layer.weight, layer.quant_state) if provider == "dequant_matmul" else layer
 
 
@@ -167,13 +150,13 @@ def _qlora_layers(weight: torch.Tensor, double_quant: bool, r: int, dropout: flo
     import fastlora
 
     kwargs = dict(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=["proj"], init_lora_weights=False)
-    ours = fastlora.quantize_model(_OneLinear(_dense(weight)), blocksize=BLOCKSIZE, double_quant=double_quant)
+    ours = fastlora.quantize_model(OneLinear(dense_linear(weight)), blocksize=BLOCKSIZE, double_quant=double_quant)
     ours = fastlora.get_peft_model(ours, fastlora.LoraConfig(**kwargs)).base_model.model.proj
     layers = {"fastlora_qlora": ours}
     if has_bitsandbytes():
         import peft
 
-        model = _OneLinear(bnb_linear4bit(weight, double_quant, dtype))
+        model = OneLinear(bnb_linear4bit(weight, double_quant, dtype))
         model.is_loaded_in_4bit = True  # what transformers sets on a 4-bit model: PEFT then uses its bnb layer
         theirs = peft.get_peft_model(model, peft.LoraConfig(**kwargs)).base_model.model.proj
         adapter = {key: value for key, value in theirs.state_dict().items() if "lora_" in key}
@@ -223,10 +206,7 @@ class Inputs:
     def x_dy(self, m: int, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         self._focus(k, n)
         if (m, k, n) not in self._inputs:
-            gen = torch.Generator().manual_seed(self.seed + 1)
-            x = torch.randn(m, k, generator=gen).to(self.device, self.dtype).requires_grad_(True)
-            dy = torch.randn(m, n, generator=gen).to(self.device, self.dtype)
-            self._inputs[(m, k, n)] = (x, dy)
+            self._inputs[(m, k, n)] = random_x_dy(m, k, n, self.seed + 1, self.device, self.dtype)
         return self._inputs[(m, k, n)]
 
     def layer(self, spec: Spec):

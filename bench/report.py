@@ -313,69 +313,64 @@ def write_plots(rows: list[dict], meta: dict, stem: Path) -> list[Path]:
 def _plot_lora_linear(plt, rows: list[dict], meta: dict):
     """Time by shape per provider, as a multiple of the base matmul's (its ms under each shape): on a log
     scale of raw times the providers' lines lie on top of each other."""
-    modes = list(dict.fromkeys(r["mode"] for r in rows))
     dropouts = sorted({r["dropout"] for r in rows if r["provider"] != "base"})
     ranks = sorted({r["r"] for r in rows if r["provider"] != "base"})
     rank = 16 if 16 in ranks else ranks[len(ranks) // 2]
-    shapes = sorted({(r["K"], r["N"], r["M"]) for r in rows})
-    fig, axes = plt.subplots(len(modes), len(dropouts), figsize=(max(6.5, 0.55 * len(shapes)) * len(dropouts),
-                                                                  3.4 * len(modes)), squeeze=False)
-    for i, mode in enumerate(modes):
-        base = {(r["K"], r["N"], r["M"]): r["p50_ms"] for r in rows if r["mode"] == mode and r["provider"] == "base"}
-        labels = [f"{m}x{k}x{n}\n{base[(k, n, m)]:.3g} ms" if (k, n, m) in base else f"{m}x{k}x{n}"
-                  for k, n, m in shapes]
-        for j, p in enumerate(dropouts):
-            ax = axes[i][j]
-            for provider, color in COLORS.items():
-                by_shape = {(r["K"], r["N"], r["M"]): r["ratio_to_base"] for r in rows
-                            if r["mode"] == mode and r["provider"] == provider
-                            and (provider == "base" or (r["r"] == rank and r["dropout"] == p))}
-                xs = [x for x, s in enumerate(shapes) if s in by_shape]
-                ax.plot(xs, [by_shape[shapes[x]] for x in xs], "o-", color=color, label=provider, ms=3, lw=1)
-            ax.set_title(f"{mode}, r={rank}, dropout={p:g}", fontsize=9)
-            ax.set_ylabel("p50 / base p50")
-            ax.grid(True, alpha=0.3)
-            ax.set_xticks(range(len(shapes)))
-            ax.set_xticklabels(labels, rotation=70, fontsize=6)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"lora_linear time relative to the base matmul (M x K x N, base ms below), {meta['dtype']}: "
-                 f"{meta['env']['device']}, {meta['env']['date']}", fontsize=10)
-    fig.tight_layout()
-    return fig
+    return _ratio_grid(
+        plt, rows, dropouts, keep=lambda r, p: r["r"] == rank and r["dropout"] == p,
+        title=lambda mode, p: f"{mode}, r={rank}, dropout={p:g}", ylabel="p50 / base p50", legend_size=8,
+        suptitle=f"lora_linear time relative to the base matmul (M x K x N, base ms below), {meta['dtype']}: "
+                 f"{meta['env']['device']}, {meta['env']['date']}")
 
 
 def _plot_nf4_linear(plt, rows: list[dict], meta: dict):
     """Time by shape relative to the dense base matmul, one panel per mode and weight format; the LoRA
     providers at their smallest rank and dropout 0."""
-    modes = list(dict.fromkeys(r["mode"] for r in rows))
     formats = list(dict.fromkeys(_weights(r["dtype"]) for r in rows if "/" in r["dtype"]))
     ranks = sorted({r["r"] for r in rows if r["r"] != ""})
+    return _ratio_grid(
+        plt, rows, formats,
+        keep=lambda r, fmt: (_weights(r["dtype"]) == fmt
+                             and (r["r"] == "" or (r["r"] == ranks[0] and r["dropout"] == 0))),
+        title=lambda mode, fmt: f"{mode}, {fmt}" + (f" (LoRA r={ranks[0]}, dropout 0)" if ranks else ""),
+        ylabel="p50 / dense base p50", log=True, legend_size=7,
+        suptitle=f"nf4_linear time relative to the dense base matmul (M x K x N, base ms below), {meta['dtype']}: "
+                 f"{meta['env']['device']}, {meta['env']['date']}")
+
+
+def _ratio_grid(plt, rows: list[dict], columns: list, keep, title, ylabel: str, suptitle: str, log: bool = False,
+                legend_size: int = 8):
+    """One panel per mode (rows of the grid) and per entry of ``columns``: each provider's time by shape
+    as a multiple of the base's, the base's ms under each shape. ``keep(row, column)``: whether an
+    adapter provider's row belongs in that column's panel (the base's always does); ``title(mode,
+    column)``: the panel's title. A provider without a point in a panel is left out of it (and of the
+    legend)."""
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
     shapes = sorted({(r["K"], r["N"], r["M"]) for r in rows})
-    fig, axes = plt.subplots(len(modes), len(formats), figsize=(max(6.5, 0.55 * len(shapes)) * len(formats),
+    fig, axes = plt.subplots(len(modes), len(columns), figsize=(max(6.5, 0.55 * len(shapes)) * len(columns),
                                                                  3.4 * len(modes)), squeeze=False)
     for i, mode in enumerate(modes):
         base = {(r["K"], r["N"], r["M"]): r["p50_ms"] for r in rows if r["mode"] == mode and r["provider"] == "base"}
         labels = [f"{m}x{k}x{n}\n{base[(k, n, m)]:.3g} ms" if (k, n, m) in base else f"{m}x{k}x{n}"
                   for k, n, m in shapes]
-        for j, fmt in enumerate(formats):
+        for j, column in enumerate(columns):
             ax = axes[i][j]
             for provider, color in COLORS.items():
                 by_shape = {(r["K"], r["N"], r["M"]): r["ratio_to_base"] for r in rows
                             if r["mode"] == mode and r["provider"] == provider
-                            and (provider == "base" or _weights(r["dtype"]) == fmt)
-                            and (r["r"] == "" or (r["r"] == ranks[0] and r["dropout"] == 0))}
+                            and (provider == "base" or keep(r, column))}
                 xs = [x for x, s in enumerate(shapes) if s in by_shape]
                 if xs:
                     ax.plot(xs, [by_shape[shapes[x]] for x in xs], "o-", color=color, label=provider, ms=3, lw=1)
-            ax.set_title(f"{mode}, {fmt}" + (f" (LoRA r={ranks[0]}, dropout 0)" if ranks else ""), fontsize=9)
-            ax.set_ylabel("p50 / dense base p50")
-            ax.set_yscale("log")
+            ax.set_title(title(mode, column), fontsize=9)
+            ax.set_ylabel(ylabel)
+            if log:
+                ax.set_yscale("log")
             ax.grid(True, alpha=0.3)
             ax.set_xticks(range(len(shapes)))
             ax.set_xticklabels(labels, rotation=70, fontsize=6)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"nf4_linear time relative to the dense base matmul (M x K x N, base ms below), {meta['dtype']}: "
-                 f"{meta['env']['device']}, {meta['env']['date']}", fontsize=10)
+    axes[0][0].legend(fontsize=legend_size)
+    fig.suptitle(suptitle, fontsize=10)
     fig.tight_layout()
     return fig
 
