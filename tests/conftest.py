@@ -228,6 +228,20 @@ class _Parity:
         with safe_open(str(folder / "adapter_model.safetensors"), "pt") as fh:
             return set(fh.keys())
 
+    @classmethod
+    def assert_same_outputs_and_grads(cls, fl_model, pf_model, base: torch.nn.Module, tol: dict) -> None:
+        """The adapted models differ from ``base``, agree with each other (``tol``), and a training-mode
+        backward of the same loss (seeded: dropout draws match) gives both the same gradients."""
+        batch = cls.batch(base)
+        fl_out = cls.out(fl_model, batch)
+        assert not torch.allclose(fl_out, cls.out(base, batch), **tol)
+        torch.testing.assert_close(fl_out, cls.out(pf_model, batch), **tol)
+        for model in (fl_model, pf_model):
+            model.train()
+            torch.manual_seed(0)
+            model(**batch).logits.pow(2).mean().backward()
+        cls.assert_same_grads(fl_model, pf_model)
+
     @staticmethod
     def assert_same_grads(fl_model: torch.nn.Module, pf_model: torch.nn.Module) -> None:
         """The same trainable names, each with the same gradient (to fp32 rounding of a backward pass)."""
@@ -240,5 +254,6 @@ class _Parity:
 
 @pytest.fixture
 def parity() -> _Parity:
-    """``parity.batch / out / perturb / pair / saved_keys / assert_same_grads`` for fastlora-vs-PEFT tests."""
+    """``parity.batch / out / perturb / pair / saved_keys / assert_same_outputs_and_grads / assert_same_grads``
+    for fastlora-vs-PEFT tests."""
     return _Parity()

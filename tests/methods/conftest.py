@@ -25,6 +25,27 @@ def case(request: pytest.FixtureRequest) -> dict:
 
 
 @pytest.fixture
+def assert_kernels_match_reference(monkeypatch):
+    """``check(layer, x)``: the layer's outputs and every gradient (input and trainable parameters) are the
+    same on the Triton kernels (interpreted on CPU) as on the reference."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+    def check(layer, x):
+        results = []
+        for backend in ("reference", "triton"):
+            monkeypatch.setenv("FASTLORA_BACKEND", backend)
+            layer.zero_grad(set_to_none=True)
+            xi = x.clone().requires_grad_(True)
+            y = layer(xi)
+            y.square().sum().backward()
+            results.append([y, xi.grad, *(p.grad for p in layer.parameters() if p.requires_grad)])
+        for ours, ref in zip(*results[::-1]):
+            torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    return check
+
+
+@pytest.fixture
 def steerable_llama(tiny_llama):
     """``make()`` -> ``tiny_llama()`` with its matrices redrawn wider (std 0.15, seed 0): a model whose
     output an adapter or a prompt can steer within a few optimizer steps."""

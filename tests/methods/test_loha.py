@@ -64,15 +64,7 @@ def test_fresh_adapter_is_the_identity(case, parity):
 
 def test_outputs_and_gradients_match_peft(case, parity):
     fl_model, pf_model = _pair(parity, case)
-    batch = parity.batch(case["base"])
-    fl_out = parity.out(fl_model, batch)
-    assert not torch.allclose(fl_out, parity.out(case["base"], batch), **TOL)
-    torch.testing.assert_close(fl_out, parity.out(pf_model, batch), **TOL)
-    for model in (fl_model, pf_model):
-        model.train()
-        torch.manual_seed(0)
-        model(**batch).logits.pow(2).mean().backward()
-    parity.assert_same_grads(fl_model, pf_model)
+    parity.assert_same_outputs_and_grads(fl_model, pf_model, case["base"], TOL)
 
 
 @pytest.mark.parametrize("writer", ["fastlora", "peft"])
@@ -233,22 +225,10 @@ def test_failed_second_adapter_leaves_the_first(tiny_llama):
 
 
 @pytest.mark.interpreter
-def test_low_rank_form_on_the_kernels_matches_the_reference(monkeypatch):
+def test_low_rank_form_on_the_kernels_matches_the_reference(monkeypatch, assert_kernels_match_reference):
     """The rank-r^2 form rides on fastlora.ops.lora_linear: the Triton kernels (interpreted on CPU) give
     the reference's outputs and gradients."""
-    pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(loha_module, "_low_rank_pays", lambda *args: True)
     torch.manual_seed(0)
     layer = LoHaLinear(torch.nn.Linear(40, 24).requires_grad_(False), r=3, init_weights=False)
-    x = torch.randn(3, 5, 40)
-    results = []
-    for backend in ("reference", "triton"):
-        monkeypatch.setenv("FASTLORA_BACKEND", backend)
-        layer.zero_grad(set_to_none=True)
-        xi = x.clone().requires_grad_(True)
-        y = layer(xi)
-        y.square().sum().backward()
-        results.append([y, xi.grad, *(p.grad for p in layer.parameters() if p.requires_grad)])
-    for ours, ref in zip(*results[::-1]):
-        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    assert_kernels_match_reference(layer, torch.randn(3, 5, 40))
