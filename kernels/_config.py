@@ -20,6 +20,7 @@ __all__ = [
     "MAX_RANK",
     "AUTOTUNE",
     "interpreted",
+    "device_reason",
     "rank_bucket",
     "rank_chunk",
     "dot_precision",
@@ -44,6 +45,20 @@ AUTOTUNE = os.environ.get("FASTLORA_AUTOTUNE", "0") == "1"
 def interpreted(kernel) -> bool:
     """Whether ``kernel`` was built for the Triton interpreter (TRITON_INTERPRET=1 when triton was imported)."""
     return type(kernel).__name__ == "InterpretedFunction"
+
+
+def device_reason(tensors, kernel) -> str | None:
+    """Why ``kernel`` cannot run on ``tensors`` (mixed devices; CPU tensors without the interpreter, or with
+    it switched on too late), or None."""
+    device = tensors[0].device
+    if any(t.device != device for t in tensors):
+        return "tensors on different devices"
+    if device.type != "cuda":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return f"non-CUDA tensor ({device.type}) without TRITON_INTERPRET=1"
+        if not interpreted(kernel):
+            return "TRITON_INTERPRET=1 was set after triton was imported (it must be set before)"
+    return None
 
 
 def rank_bucket(r: int) -> int:

@@ -18,7 +18,6 @@ backward: x and S only.
 
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -63,13 +62,9 @@ def unsupported_reason(
     tensors = [t for t in (x2, weight, bias, lora_A, lora_B) if t is not None]
     interpreter = _config.interpreted(_lora_bwd_shrink_kernel)
     device = x2.device
-    if any(t.device != device for t in tensors):
-        return "tensors on different devices"
-    if device.type != "cuda":
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            return f"non-CUDA tensor ({device.type}) without TRITON_INTERPRET=1"
-        if not interpreter:
-            return "TRITON_INTERPRET=1 was set after triton was imported (it must be set before)"
+    reason = _config.device_reason(tensors, _lora_bwd_shrink_kernel)
+    if reason is not None:
+        return reason
     if x2.dim() != 2 or weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
         return "inputs are not 2-D"
     try:

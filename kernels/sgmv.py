@@ -28,7 +28,6 @@ widest rank moves to the next bucket.
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
@@ -330,16 +329,11 @@ def multi_lora_add(
 
 def multi_lora_unsupported_reason(y, x, lora_A, lora_B, ranks, scalings, token_slots) -> str | None:
     """None when the kernels serve this call, else a short reason for falling back to the reference."""
-    tensors = (y, x, lora_A, lora_B, ranks, scalings, token_slots)
     device = x.device
     interpreter = _config.interpreted(_sgmv_expand_kernel)
-    if any(t.device != device for t in tensors):
-        return "tensors on different devices"
-    if device.type != "cuda":
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            return f"non-CUDA tensor ({device.type}) without TRITON_INTERPRET=1"
-        if not interpreter:
-            return "TRITON_INTERPRET=1 was set after triton was imported (it must be set before)"
+    reason = _config.device_reason((x, y, lora_A, lora_B, ranks, scalings, token_slots), _sgmv_expand_kernel)
+    if reason is not None:
+        return reason
     if x.dim() != 2 or y.dim() != 2 or lora_A.dim() != 3 or lora_B.dim() != 3:
         return "inputs are not 2-D / banks are not 3-D"
     for name, t in (("x", x), ("y", y), ("lora_A", lora_A), ("lora_B", lora_B)):
