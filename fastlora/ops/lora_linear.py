@@ -196,8 +196,9 @@ class _LoraLinearFunction(torch.autograd.Function):
         return *_backward(ctx, dy, _gradients), None
 
 
-def _composite(x, weight, bias, lora_A, lora_B, scaling):
-    """The reference without dropout as native differentiable ops: autograd saves x, S = x A^T, A and B.
+def _composite(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
+    """The reference as native differentiable ops: autograd saves x, S = dropout(x) A^T, A and B, and
+    with dropout the fp32 mask and dropout(x) (two x-sized tensors, as PEFT; only a few rows take this).
 
     The base matmul is added in place into ``scaling * S B^T + b``: one [M, N] tensor in the forward,
     none extra in the backward, and B's gradient comes out of ``F.linear``'s backward contiguous (an
@@ -205,10 +206,15 @@ def _composite(x, weight, bias, lora_A, lora_B, scaling):
     """
     dtype = x.dtype
     x2 = x.reshape(-1, x.shape[-1])  # 2-D throughout: an in-place op on a view would clone dY in the backward
-    s = torch.nn.functional.linear(x2, lora_A.to(dtype)) * scaling  # [M, r]
+    if dropout_p > 0.0:
+        keep = reference.fill_keep(torch.empty_like(x2, memory_format=torch.contiguous_format), dropout_p,
+                                   int(_draw_seed(x)))
+        s = torch.nn.functional.linear(x2 * keep, lora_A.to(dtype)) * (scaling / (1.0 - dropout_p))  # [M, r]
+    else:
+        s = torch.nn.functional.linear(x2, lora_A.to(dtype)) * scaling  # [M, r]
     y = torch.nn.functional.linear(s, lora_B.to(dtype), None if bias is None else bias.to(dtype))
     y.addmm_(x2, weight.t())
-    return y.view(*x.shape[:-1], y.shape[-1])
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
 
 def lora_linear(
@@ -246,8 +252,8 @@ def lora_linear(
         return _lora_linear_op(*args)[0]
     kernels = _kernels_for(*args[:5], args[6])
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):
-        if args[6] == 0.0 and kernels is None and x.numel() <= _COMPOSITE_MAX_ROWS * x.shape[-1]:
-            return _composite(*args[:6])
+        if kernels is None and x.numel() <= _COMPOSITE_MAX_ROWS * x.shape[-1]:
+            return _composite(*args[:7])
         return _LoraLinearFunction.apply(*args, kernels)
     seed = _draw_seed(x) if args[6] > 0.0 else None
     return _run_forward(*args, seed, kernels)[0]
