@@ -339,9 +339,9 @@ class PromptLearner(nn.ModuleDict):
         self._position_ids(kwargs)
         _drop_token_type_ids(kwargs)
         if config.peft_type == PeftType.PREFIX_TUNING:
-            cache = self.prefix_cache(batch_size, self.base.dtype)
+            kwargs[_cache_name(self.base)] = self.prefix_cache(batch_size, self.base.dtype)
             return self.base(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                             labels=labels, past_key_values=cache, **kwargs)
+                             labels=labels, **kwargs)
         inputs_embeds = self._input_embeds(input_ids, inputs_embeds)
         prompts = self._prompts(batch_size, inputs_embeds.dtype, task_ids)
         inputs_embeds = torch.cat((prompts, inputs_embeds), dim=1)
@@ -362,11 +362,10 @@ class PromptLearner(nn.ModuleDict):
         self._position_ids(kwargs)
         if config.peft_type == PeftType.PREFIX_TUNING:
             cache = self.prefix_cache(batch_size, self.base.dtype)
-            kwargs.update(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                          past_key_values=cache)
-            if _accepts(self.base, "past_key_values"):
-                return self.base(labels=labels, **kwargs)
-            return self._prefix_through_backbone(labels, token_level, kwargs)
+            kwargs.update(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+            if _cache_name(self.base, None) is not None:
+                return self.base(labels=labels, **kwargs, **{_cache_name(self.base): cache})
+            return self._prefix_through_backbone(labels, token_level, cache, kwargs)
         if kwargs.get("token_type_ids") is not None:
             token_type_ids = kwargs["token_type_ids"]
             zeros = torch.zeros(batch_size, config.num_virtual_tokens, dtype=torch.long, device=token_type_ids.device)
@@ -378,7 +377,7 @@ class PromptLearner(nn.ModuleDict):
             labels = self._pad_labels(labels)
         return self.base(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
 
-    def _prefix_through_backbone(self, labels, token_level: bool, kwargs: dict):
+    def _prefix_through_backbone(self, labels, token_level: bool, cache, kwargs: dict):
         """Classifiers whose forward takes no cache (BERT's): run the backbone with the prefix, then the
         head and the loss as the task model does (PEFT's route)."""
         from transformers.modeling_outputs import SequenceClassifierOutput, TokenClassifierOutput
@@ -386,8 +385,10 @@ class PromptLearner(nn.ModuleDict):
         base = self.base
         backbone_name = next((name for name, child in base.named_children() if hasattr(child, "config")), None)
         backbone = getattr(base, backbone_name) if backbone_name else None
-        if backbone is None or not _accepts(backbone, "past_key_values"):
-            raise NotImplementedError(f"prefix tuning for {type(base).__name__}: no part of it takes past_key_values")
+        if backbone is None or _cache_name(backbone, None) is None:
+            raise NotImplementedError(f"prefix tuning for {type(base).__name__}: no part of it takes a cache "
+                                      f"(past_key_values or cache)")
+        kwargs[_cache_name(backbone)] = cache
         return_dict = kwargs.pop("return_dict", None)
         return_dict = getattr(base.config, "return_dict", True) if return_dict is None else return_dict
         outputs = backbone(**kwargs, return_dict=True)
@@ -421,9 +422,9 @@ class PromptLearner(nn.ModuleDict):
         self._position_ids(base_kwargs)
         if config.peft_type == PeftType.PREFIX_TUNING:
             base_kwargs["decoder_attention_mask"] = self._extend_mask(decoder_attention_mask, batch_size)
-            cache = self.prefix_cache(batch_size, self.base.dtype, encoder_decoder=True)
+            base_kwargs[_cache_name(self.base)] = self.prefix_cache(batch_size, self.base.dtype, encoder_decoder=True)
             return self.base(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                             past_key_values=cache, **base_kwargs)
+                             **base_kwargs)
         inputs_embeds = self._input_embeds(input_ids, inputs_embeds)
         prompts = self._prompts(batch_size, inputs_embeds.dtype, task_ids)
         virtual = config.num_virtual_tokens
@@ -477,7 +478,8 @@ class PromptLearner(nn.ModuleDict):
     def _generation_step(self, kwargs: dict[str, Any], task_ids) -> dict[str, Any]:
         config = self.active_config
         encoder_decoder = self.base.config.is_encoder_decoder
-        cache = kwargs.get("past_key_values")
+        cache_key = _cache_name(self.base)
+        cache = kwargs.get(cache_key)
         ids_key = "decoder_input_ids" if encoder_decoder else "input_ids"
         embeds_key = "decoder_inputs_embeds" if encoder_decoder else "inputs_embeds"
         mask_key = "decoder_attention_mask" if encoder_decoder else "attention_mask"
@@ -490,7 +492,7 @@ class PromptLearner(nn.ModuleDict):
         if config.peft_type == PeftType.PREFIX_TUNING:
             prefix = self.prefix_cache(batch_size, self.base.dtype, encoder_decoder)
             if cache is None:
-                kwargs["past_key_values"] = prefix
+                kwargs[cache_key] = prefix
             else:
                 _fill_cache(cache, prefix)
             return kwargs
@@ -539,7 +541,10 @@ def _drop_token_type_ids(kwargs: dict) -> None:
         kwargs["token_type_ids"] = None
 
 
-def _accepts(model: nn.Module, name: str) -> bool:
+def _cache_name(model: nn.Module, default: str | None = "past_key_values") -> str | None:
+    """What ``model.forward`` calls its key/value cache: ``cache`` from transformers 5.24 on (which still
+    takes ``past_key_values`` through its kwargs, with a warning), ``past_key_values`` before."""
     import inspect
 
-    return name in inspect.signature(model.forward).parameters
+    parameters = inspect.signature(model.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in parameters), default)

@@ -9,6 +9,7 @@ outputs is the libraries' and not their initialisation.
 from __future__ import annotations
 
 import copy
+import inspect
 
 import peft
 import pytest
@@ -102,6 +103,17 @@ def make_batch(model, method, labels=True, seed=0):
     return batch
 
 
+def peft_forward(model, batch):
+    """PEFT's forward, or None where PEFT cannot run it: PEFT 0.21 looks for ``past_key_values`` in the
+    model's forward to do prefix tuning, and transformers 5.24 renamed it ``cache``."""
+    try:
+        return model(**batch)
+    except ValueError as err:
+        if "does not support past key values" not in str(err):
+            raise
+        return None
+
+
 @pytest.fixture(params=CASES, ids=[f"{m}-{k}" for m, k in CASES])
 def case(request, factories):
     model_name, method = request.param
@@ -137,7 +149,10 @@ def test_outputs_match_peft(case):
         expected_loss = torch.nn.functional.cross_entropy(ref.logits[:, virtual:].reshape(-1, 3),
                                                           batch["labels"].view(-1))
     else:
-        ref = theirs(**batch)
+        ref = peft_forward(theirs, batch)
+        if ref is None:
+            pytest.skip("PEFT 0.21 cannot run prefix tuning on this model with transformers >= 5.24 (it looks "
+                        "for past_key_values, renamed cache); with older transformers this case runs")
         expected_loss = ref.loss
     torch.testing.assert_close(out.logits, ref.logits, **TOL)
     torch.testing.assert_close(out.loss, expected_loss, **TOL)
@@ -170,7 +185,16 @@ def test_checkpoint_loads_both_ways(case, direction, tmp_path):
     # PEFT's multitask T5 forward needs labels (it builds the decoder input from them)
     batch = make_batch(ours, case["method"], labels=case["task_type"] == "SEQ_2_SEQ_LM")
     with torch.no_grad():
-        torch.testing.assert_close(loaded(**batch).logits, theirs(**batch).logits, **TOL)
+        expected = peft_forward(theirs, batch)
+        if expected is not None:
+            torch.testing.assert_close(peft_forward(loaded, batch).logits, expected.logits, **TOL)
+        elif reader is fastlora:  # PEFT cannot run it (see peft_forward): its tensors, in our forward
+            torch.testing.assert_close(loaded(**batch).logits, ours(**batch).logits, **TOL)
+        else:
+            loaded_state, written = peft.get_peft_model_state_dict(loaded), fastlora.get_peft_model_state_dict(ours)
+            assert sorted(loaded_state) == sorted(written)
+            for key in written:
+                torch.testing.assert_close(loaded_state[key], written[key], rtol=0, atol=0)
     # PEFT keeps a loaded prompt trainable (even for inference); the counts agree either way
     other = (peft if reader is fastlora else fastlora).PeftModel.from_pretrained(copy.deepcopy(case["base"]), tmp_path)
     assert loaded.get_nb_trainable_parameters() == other.get_nb_trainable_parameters()
@@ -180,19 +204,45 @@ GENERATE_CASES = [(m, k) for m in ("llama-gqa", "gpt2") for k in ("prompt", "ptu
 GENERATE_CASES += [("t5", k) for k in ("prompt", "prefix")]
 
 
+def _greedy_by_full_forwards(model, batch, steps):
+    """Greedy decoding with no cache: every step runs the whole sequence through the model's forward."""
+    batch = dict(batch)
+    with torch.no_grad():
+        if model.config.is_encoder_decoder:
+            out = torch.full((batch["input_ids"].shape[0], 1), model.config.decoder_start_token_id)
+            for _ in range(steps):
+                out = torch.cat([out, model(**batch, decoder_input_ids=out).logits[:, -1:].argmax(-1)], 1)
+            return out
+        ids, mask = batch.pop("input_ids"), batch.pop("attention_mask")
+        for _ in range(steps):
+            token = model(input_ids=ids, attention_mask=mask, **batch).logits[:, -1:].argmax(-1)
+            ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+        return ids
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("model_name, method", GENERATE_CASES, ids=[f"{m}-{k}" for m, k in GENERATE_CASES])
-def test_greedy_generate_matches_peft(factories, model_name, method):
+def test_greedy_generate_matches_decoding_by_full_forwards(factories, model_name, method):
+    # generate (the virtual tokens added at the prefill, then a cache) against greedy decoding that runs
+    # the whole sequence through forward at each step (forward is checked against PEFT's above). PEFT's
+    # own generate is compared on the first new token only: with transformers 5.24, which hands the
+    # model its cache as ``cache``, PEFT 0.21 puts the prompt in again at every step and drifts.
     build, task_type = MODELS[model_name]
     ours, theirs = build_pair(build(factories), task_type, method)
     batch = make_batch(ours, method, labels=False)
     batch.pop("decoder_input_ids", None)
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
-    expected = theirs.generate(**batch, **kwargs)
     generated = ours.generate(**batch, **kwargs)
-    torch.testing.assert_close(generated, expected, rtol=0, atol=0)
-    # the virtual tokens are in effect: the first generated logits are the forward's last logits (row 0,
-    # unpadded: for a left-padded row generate numbers positions from the mask, forward does not)
+    expected = _greedy_by_full_forwards(ours, batch, 6)
+    # a left-padded row: generate numbers positions from the mask, forward does not; compare row 0 there
+    rows = slice(None) if ours.config.is_encoder_decoder else slice(0, 1)
+    torch.testing.assert_close(generated[rows], expected[rows], rtol=0, atol=0)
+    if method != "prefix" or "cache" not in inspect.signature(ours.get_base_model().forward).parameters:
+        # PEFT's prefix goes in as past_key_values, which generate's cache overrides from transformers 5.24
+        first = 2 if ours.config.is_encoder_decoder else batch["input_ids"].shape[1] + 1
+        torch.testing.assert_close(generated[:, :first], theirs.generate(**batch, **kwargs)[:, :first],
+                                   rtol=0, atol=0)
+    # the virtual tokens are in effect: the first generated logits are the forward's last logits
     if not ours.config.is_encoder_decoder:
         out = ours.generate(**batch, **kwargs, output_scores=True, return_dict_in_generate=True)
         with torch.no_grad():
