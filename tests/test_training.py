@@ -137,8 +137,10 @@ def test_plain_loop_lowers_the_loss_and_keeps_base_weights_bit_identical(builder
     _assert_trainable_are_adapters(model)
     frozen, trainable = _frozen_state(model), _trainable_state(model)
     torch.manual_seed(0)
-    losses = _train_loop(model, _collate(_causal_data(model)))
-    assert losses[-1] < losses[0] - 0.1, losses
+    # lr 1e-2: the loss falls by about 0.25 in 8 steps for both models, whatever the dropout draws (at
+    # 3e-2 it overshoots and hovers about 0.1 down, which a different mask could miss)
+    losses = _train_loop(model, _collate(_causal_data(model)), lr=1e-2)
+    assert losses[-1] < losses[0] - 0.15, losses
     _assert_only_adapters_changed(model, frozen, trainable)
     assert all(p.grad is None for n, p in model.named_parameters() if n in frozen)
 
