@@ -128,6 +128,12 @@ def lora_linear_fwd_ref(
     dtype = x2.dtype
     a = lora_A.to(dtype)
     b = lora_B.to(dtype)
+    # The base matmul first, as PEFT does: on a CPU a decode-sized matmul runs up to 1.7x slower right
+    # after other work (drawing the mask, say) than right after the caller's own matmuls.
+    if bias is not None:
+        y = torch.addmm(bias.to(dtype), x2, weight.t())
+    else:
+        y = x2 @ weight.t()
     if dropout_p == 0.0:
         s = x2 @ a.t()  # [M, K] @ [K, r] -> [M, r]
     else:
@@ -137,10 +143,6 @@ def lora_linear_fwd_ref(
         dropped = _keep_like(x2, dropout_p, seed, keep).mul_(x2)  # without 1 / (1 - p), folded into S
         s = (dropped @ a.t()).mul_(1.0 / (1.0 - dropout_p))
         del dropped
-    if bias is not None:
-        y = torch.addmm(bias.to(dtype), x2, weight.t())
-    else:
-        y = x2 @ weight.t()
     # One in-place update instead of PEFT's separate B-output, scale and add: fewer M x N temporaries.
     y.addmm_(s, b.t(), alpha=scaling)
     return y, s.to(torch.promote_types(dtype, torch.float32))

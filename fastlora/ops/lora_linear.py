@@ -205,7 +205,8 @@ def _composite(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
     ``addmm`` with ``B^T`` would hand AccumulateGrad a transposed gradient to copy).
     """
     dtype = x.dtype
-    x2 = x.reshape(-1, x.shape[-1])  # 2-D throughout: an in-place op on a view would clone dY in the backward
+    # 2-D throughout: an in-place op on a view would clone dY in the backward (no reshape node for a 2-D x)
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if dropout_p > 0.0:
         keep = reference.fill_keep(torch.empty_like(x2, memory_format=torch.contiguous_format), dropout_p,
                                    int(_draw_seed(x)))
