@@ -6,19 +6,18 @@ under ``torch.compile`` and ``torch.library.opcheck``. The implementation is cho
 
 Eager calls skip the registered op's dispatch, which costs about 75 us per forward + backward on a
 2-core CPU (torch 2.13): more than the whole LoRA update at decode sizes. They run the same forward
-and backward functions through an ``autograd.Function`` (``_LoraLinearFunction``), or, for a handful of
-rows on the reference path without dropout, as native differentiable ops (``_composite``: no Python in
-the backward, which is what decode-sized training steps pay for; its autograd keeps one extra [M, r]
-gradient alive in the backward, so larger inputs take the Function). Under ``torch.compile`` the
-registered op is what gets traced.
+and backward functions through an ``autograd.Function`` (``_LoraLinearFunction``). (Native
+differentiable ops, with no Python in the backward, measured up to 5% faster for one to four rows, but
+their autograd keeps an extra [M, r] gradient alive: 32 bytes more than PEFT at one row, where the
+Function keeps 4 KB less.) Under ``torch.compile`` the registered op is what gets traced.
 
 Dropout on the reference: the mask is a function of a seed drawn from torch's generator (so
 ``torch.manual_seed`` reproduces a run). The registered op saves the seed and its backward draws the
 mask again, as the kernels do. The eager ``Function`` keeps the mask as one byte per element instead:
-on a CPU, drawing it again costs more than PEFT's whole backward saves by not scaling and adding
-[M, N] and [M, K] tensors (measured: backward alone 8% slower than PEFT at 256 x 1024 rows with the
-redraw, 6% faster with the bytes), and a byte per element is still an eighth of what PEFT keeps (a
-dropped copy of x and its fp32 mask).
+on a CPU, drawing it again costs about what PEFT's backward spends scaling and adding [M, N] and
+[M, K] tensors that ours does not (measured on a 2-core Xeon, 256 rows, 1024 -> 1024, r 8, the
+backward alone: 1.15x PEFT's time with the redraw, 1.01x with the bytes), and a byte per element is an
+eighth of what PEFT keeps (a dropped copy of x and its fp32 mask).
 """
 
 from __future__ import annotations
@@ -33,8 +32,6 @@ __all__ = ["lora_linear"]
 # Dropout seeds are drawn from torch's generator on the input's device so that torch.manual_seed
 # reproduces a run; int32 range keeps them valid as Triton kernel arguments.
 _SEED_HIGH = 2**31 - 1
-# Up to this many rows, eager calls without dropout on the reference take ``_composite``.
-_COMPOSITE_MAX_ROWS = 4
 
 
 def _kernels_for(x, weight, bias, lora_A, lora_B, dropout_p):
@@ -196,28 +193,6 @@ class _LoraLinearFunction(torch.autograd.Function):
         return *_backward(ctx, dy, _gradients), None
 
 
-def _composite(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
-    """The reference as native differentiable ops: autograd saves x, S = dropout(x) A^T, A and B, and
-    with dropout the fp32 mask and dropout(x) (two x-sized tensors, as PEFT; only a few rows take this).
-
-    The base matmul is added in place into ``scaling * S B^T + b``: one [M, N] tensor in the forward,
-    none extra in the backward, and B's gradient comes out of ``F.linear``'s backward contiguous (an
-    ``addmm`` with ``B^T`` would hand AccumulateGrad a transposed gradient to copy).
-    """
-    dtype = x.dtype
-    # 2-D throughout: an in-place op on a view would clone dY in the backward (no reshape node for a 2-D x)
-    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    if dropout_p > 0.0:
-        keep = reference.fill_keep(torch.empty_like(x2, memory_format=torch.contiguous_format), dropout_p,
-                                   int(_draw_seed(x)))
-        s = torch.nn.functional.linear(x2 * keep, lora_A.to(dtype)) * (scaling / (1.0 - dropout_p))  # [M, r]
-    else:
-        s = torch.nn.functional.linear(x2, lora_A.to(dtype)) * scaling  # [M, r]
-    y = torch.nn.functional.linear(s, lora_B.to(dtype), None if bias is None else bias.to(dtype))
-    y.addmm_(x2, weight.t())
-    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
-
-
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -253,8 +228,6 @@ def lora_linear(
         return _lora_linear_op(*args)[0]
     kernels = _kernels_for(*args[:5], args[6])
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):
-        if kernels is None and x.numel() <= _COMPOSITE_MAX_ROWS * x.shape[-1]:
-            return _composite(*args[:7])
         return _LoraLinearFunction.apply(*args, kernels)
     seed = _draw_seed(x) if args[6] > 0.0 else None
     return _run_forward(*args, seed, kernels)[0]
