@@ -13,7 +13,7 @@ setup(
     # plus kernels/ installed as fastlora.kernels.
     packages=[*find_packages(include=["fastlora", "fastlora.*"]), "fastlora.kernels"],
     package_dir={"fastlora.kernels": "kernels"},
-    install_requires=["torch>=2.6", "transformers>=4.45", "safetensors>=0.4", "tqdm>=4.60"],
+    install_requires=["torch>=2.6", "transformers>=4.45", "safetensors>=0.4", "tqdm>=4.60", "numpy>=1.22"],
     extras_require={
         "triton": ["triton>=3.0"],
         "test": ["peft>=0.13", "pytest>=7", "pytest-benchmark>=4", "accelerate>=0.30", "triton>=3.0", "bitsandbytes>=0.48"],
