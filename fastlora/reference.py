@@ -7,16 +7,15 @@ Conventions (PEFT's): ``lora_A: [r, in]``, ``lora_B: [out, r]``, inverted dropou
 Everything here runs in the input's dtype (matmuls accumulate in fp32 internally); adapter weights
 kept in fp32 are cast down to the input dtype, never the input up: the input is the large tensor.
 
-Dropout masks come from a counter-free stream: numpy's SFC64 generator, its state set from the seed,
-draws 64-bit words block by block of ``MASK_ROWS`` rows, in order, so the mask is a function of
-``(seed, shape, p)`` on every device and the backward regenerates it: nothing is saved for it. Each
-element takes one 16-bit lane of a word and is kept when its lane is at or above a threshold: p is
-rounded to a multiple of 2^-16 (at most 7.6e-6 off); kept values are scaled by exactly ``1 / (1 - p)``.
-SFC64 passes BigCrush and PractRand; on CPU it draws a word about 3x faster than torch's mt19937 (the
-regenerated mask is the one cost the backward has over PEFT's, which keeps a dropped copy of x alive).
-On CPU the mask is written into an x-sized temporary while one op needs it (the backward into dx's own
-storage), which measures faster than block-sized pieces with small matmuls; the Triton kernels draw it
-in registers instead.
+Dropout masks come from a stream: numpy's SFC64 generator, its state set from the seed, draws 64-bit
+words block by block of ``MASK_ROWS`` rows, in order, so the mask is a function of ``(seed, shape, p)``
+on every device and a backward can draw it again from the seed (the eager op instead hands the backward
+the mask as bytes, see ``fastlora.ops.lora_linear``). Each element takes one 16-bit lane of a word and
+is kept when its lane is at or above a threshold: p is rounded to a multiple of 2^-16 (at most 7.6e-6
+off); kept values are scaled by exactly ``1 / (1 - p)``. SFC64 passes BigCrush and PractRand; on CPU it
+draws a word about 3x faster than torch's mt19937. On CPU the mask is written into an x-sized
+temporary in x's dtype while one op needs it, which measures faster than block-sized pieces with small
+matmuls; the Triton kernels draw it in registers instead.
 """
 
 from __future__ import annotations

@@ -363,8 +363,9 @@ class PromptLearner(nn.ModuleDict):
         if config.peft_type == PeftType.PREFIX_TUNING:
             cache = self.prefix_cache(batch_size, self.base.dtype)
             kwargs.update(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
-            if _cache_name(self.base, None) is not None:
-                return self.base(labels=labels, **kwargs, **{_cache_name(self.base): cache})
+            name = _cache_name(self.base, None)
+            if name is not None:
+                return self.base(labels=labels, **kwargs, **{name: cache})
             return self._prefix_through_backbone(labels, token_level, cache, kwargs)
         if kwargs.get("token_type_ids") is not None:
             token_type_ids = kwargs["token_type_ids"]
@@ -385,10 +386,11 @@ class PromptLearner(nn.ModuleDict):
         base = self.base
         backbone_name = next((name for name, child in base.named_children() if hasattr(child, "config")), None)
         backbone = getattr(base, backbone_name) if backbone_name else None
-        if backbone is None or _cache_name(backbone, None) is None:
+        name = None if backbone is None else _cache_name(backbone, None)
+        if name is None:
             raise NotImplementedError(f"prefix tuning for {type(base).__name__}: no part of it takes a cache "
                                       f"(past_key_values or cache)")
-        kwargs[_cache_name(backbone)] = cache
+        kwargs[name] = cache
         return_dict = kwargs.pop("return_dict", None)
         return_dict = getattr(base.config, "return_dict", True) if return_dict is None else return_dict
         outputs = backbone(**kwargs, return_dict=True)
