@@ -18,11 +18,20 @@ The kernels run compiled on CUDA, or on CPU tensors under the Triton interpreter
 autotunes the fused GEMM instead of using the heuristic tiles.
 """
 
-from .dropout import dropout_keep_mask
-from .lora_linear import lora_linear_bwd, lora_linear_fwd, unsupported_reason
-from .nf4 import nf4_dequantize, nf4_matmul, nf4_quantize
-from .nf4_linear import nf4_linear_bwd, nf4_linear_fwd, nf4_unsupported_reason, nf4_workspace_clear
-from .sgmv import multi_lora_add, multi_lora_unsupported_reason, sgmv_expand, sgmv_shrink
+if __name__ == "kernels":
+    # This folder was imported as the top-level ``kernels``: only a checkout's root on sys.path does that
+    # (``python -m pytest`` and ``python -m bench`` put it first). That name is Hugging Face's ``kernels``
+    # package, which transformers >= 5.25 imports when it is imported itself; hand the name over to the
+    # installed package, or fail as if this folder were not there, instead of posing as it.
+    from ._shadowed import hand_over as _hand_over
+
+    _hand_over(__file__)
+else:
+    from .dropout import dropout_keep_mask
+    from .lora_linear import lora_linear_bwd, lora_linear_fwd, unsupported_reason
+    from .nf4 import nf4_dequantize, nf4_matmul, nf4_quantize
+    from .nf4_linear import nf4_linear_bwd, nf4_linear_fwd, nf4_unsupported_reason, nf4_workspace_clear
+    from .sgmv import multi_lora_add, multi_lora_unsupported_reason, sgmv_expand, sgmv_shrink
 
 __all__ = [
     "lora_linear_fwd",

@@ -75,3 +75,28 @@ def test_setup_installs_every_package():
     on_disk = {".".join(p.parent.relative_to(root).parts) for p in (root / "fastlora").rglob("__init__.py")}
     assert on_disk <= set(captured["packages"]), sorted(on_disk - set(captured["packages"]))
     assert "fastlora.kernels" in captured["packages"] and captured["package_dir"] == {"fastlora.kernels": "kernels"}
+
+
+_REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+def test_checkout_root_does_not_pose_as_hf_kernels():
+    """From a checkout's root (``python -m pytest`` puts it first on sys.path) ``import kernels`` is Hugging
+    Face's package, which transformers imports at import time, not the folder that installs as
+    fastlora.kernels; that folder stays importable as fastlora.kernels."""
+    pytest.importorskip("kernels")  # the installed one (this process runs from the root too)
+    code = ("import kernels, json, sys, fastlora.kernels as ours; import transformers.integrations.hub_kernels; "
+            "print(json.dumps([kernels.__file__, ours.__file__, hasattr(ours, 'lora_linear_fwd'), "
+            "sorted(m for m in sys.modules if m.startswith('kernels._shadowed'))]))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=_REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    theirs, ours, has_kernels, leftovers = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not theirs.startswith(str(_REPO_ROOT / "kernels"))
+    assert ours == str(_REPO_ROOT / "kernels" / "__init__.py") and has_kernels and leftovers == []
+
+
+def test_checkout_root_without_hf_kernels_is_module_not_found():
+    code = f"import sys; sys.path[:] = [{str(_REPO_ROOT)!r}]; import kernels"
+    out = subprocess.run([sys.executable, "-I", "-c", code], cwd=_REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "ModuleNotFoundError: No module named 'kernels'" in out.stderr, out.stderr
+    assert "fastlora.kernels" in out.stderr
