@@ -22,6 +22,8 @@ eighth of what PEFT keeps (a dropped copy of x and its fp32 mask).
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from fastlora import reference
@@ -37,13 +39,55 @@ _SEED_HIGH = 2**31 - 1
 def _kernels_for(x, weight, bias, lora_A, lora_B, dropout_p):
     if resolve_backend("lora_linear", x.device) is None:  # the reference: no need to ask the kernels
         return None
-    return serving_kernels("lora_linear", x.device, x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, dropout_p)
+    return serving_kernels("lora_linear", x.device, _rows(x), weight, bias, lora_A, lora_B, dropout_p)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``[..., K] -> [M, K]``, a view for contiguous inputs (a 2-D input as it is: no reshape call)."""
+    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
 
 
 def _draw_seed(x: torch.Tensor) -> torch.Tensor:
     return torch.randint(0, _SEED_HIGH, (), device=x.device, dtype=torch.int64)
 
 
+_seed_buffers = threading.local()
+
+
+def _draw_seed_int(x: torch.Tensor) -> int:
+    """The seed ``_draw_seed`` would draw (``randint`` is ``random_`` on a new tensor), as a Python int. On
+    CPU it is drawn into a reused per-thread scalar: 1.5 us against 3.1 us for a new one and ``int()``."""
+    if x.device.type != "cpu":
+        return int(_draw_seed(x))
+    buf = getattr(_seed_buffers, "seed", None)
+    if buf is None:
+        buf = _seed_buffers.seed = torch.empty((), dtype=torch.int64)
+    return buf.random_(0, _SEED_HIGH).item()
+
+
+def _run_forward(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, kernels, keep=None):
+    """``(y [M, N], S)`` on ``kernels`` (None: the reference, which also fills ``keep`` when given) with
+    the dropout seed ``seed`` (a tensor for the kernels, an int for the reference)."""
+    if kernels is None:
+        return reference.lora_linear_fwd_ref(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, keep)
+    return kernels.lora_linear_fwd(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+
+
+def _run_backward(dy2, x2, weight, lora_A, lora_B, s, seed, scaling, dropout_p, needs, kernels, keep=None):
+    """``(dx, dW, db, dA, dB)`` of ``[M, ...]`` tensors, None where ``needs`` says a gradient is not wanted;
+    ``keep``: the forward's dropout mask as bytes (reference only), else the mask is drawn again from
+    ``seed`` (a tensor for the kernels, an int for the reference)."""
+    if kernels is None:
+        return reference.lora_linear_bwd_ref(dy2, x2, weight, lora_A, lora_B, s, scaling, dropout_p, seed, *needs, keep)
+    return kernels.lora_linear_bwd(dy2, x2, weight, lora_A, lora_B, s, seed, scaling, dropout_p, *needs)
+
+
+def _unflatten(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``[M, N] -> [..., N]`` with the leading dims of ``like``."""
+    return y if like.dim() == 2 else y.view(*like.shape[:-1], y.shape[-1])
+
+
+# ---- the registered op (what torch.compile traces) -----------------------------------------------
 def _forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -56,38 +100,9 @@ def _forward(
     """Returns ``(y [..., N], S [M, r] in at least fp32, seed [])``; S and the seed are what the backward needs."""
     seed = _draw_seed(x) if dropout_p > 0.0 else torch.zeros((), device=x.device, dtype=torch.int64)
     kernels = _kernels_for(x, weight, bias, lora_A, lora_B, dropout_p)
-    y, s = _run_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, kernels)
-    return y, s, seed
-
-
-def _run_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, kernels, keep=None):
-    """``(y [..., N], S)`` on ``kernels`` (None: the reference, which also fills ``keep`` when given)."""
-    x2 = x.reshape(-1, x.shape[-1])  # [..., K] -> [M, K], a view for contiguous inputs
-    if kernels is None:
-        y, s = reference.lora_linear_fwd_ref(
-            x2, weight, bias, lora_A, lora_B, scaling, dropout_p, int(seed) if dropout_p > 0.0 else 0, keep
-        )
-    else:
-        y, s = kernels.lora_linear_fwd(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-    return (y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])), s
-
-
-def _gradients(
-    dy, x, weight, lora_A, lora_B, s, seed, scaling, dropout_p, needs, use_kernels, keep=None
-) -> tuple[torch.Tensor | None, ...]:
-    """``(dx, dW, db, dA, dB)``, None where ``needs`` says a gradient is not wanted; ``use_kernels`` is the
-    forward's choice of backend; ``keep``: the forward's dropout mask as bytes (reference only), else the
-    mask is drawn again from ``seed``."""
-    x2 = x.reshape(-1, x.shape[-1])
-    dy2 = dy.reshape(-1, dy.shape[-1])
-    kernels = resolve_backend("lora_linear", x.device) if use_kernels else None
-    if kernels is None:
-        seed = int(seed) if dropout_p > 0.0 and keep is None else 0
-        grads = reference.lora_linear_bwd_ref(dy2, x2, weight, lora_A, lora_B, s, scaling, dropout_p, seed, *needs, keep)
-    else:
-        grads = kernels.lora_linear_bwd(dy2, x2, weight, lora_A, lora_B, s, seed, scaling, dropout_p, *needs)
-    dx = grads[0].view(x.shape) if grads[0] is not None and x.dim() != 2 else grads[0]
-    return (dx, *grads[1:])
+    y, s = _run_forward(_rows(x), weight, bias, lora_A, lora_B, scaling, dropout_p,
+                        seed if kernels is not None else int(seed) if dropout_p > 0.0 else 0, kernels)
+    return _unflatten(y, x), s, seed
 
 
 _lora_linear_op = torch.library.custom_op("fastlora::lora_linear", _forward, mutates_args=())
@@ -116,8 +131,12 @@ def _lora_linear_backward_op(
     use_kernels: bool,
 ) -> list[torch.Tensor]:
     """Gradients ``[dx, dW, db, dA, dB]``; an empty tensor stands for a gradient not asked for."""
-    grads = _gradients(dy, x, weight, lora_A, lora_B, s, seed, scaling, dropout_p, needs, use_kernels)
-    return [g if g is not None else x.new_empty(0) for g in grads]
+    kernels = resolve_backend("lora_linear", x.device) if use_kernels else None
+    if kernels is None:
+        seed = int(seed) if dropout_p > 0.0 else 0
+    grads = _run_backward(_rows(dy), _rows(x), weight, lora_A, lora_B, s, seed, scaling, dropout_p, needs, kernels)
+    dx = grads[0].view(x.shape) if grads[0] is not None else None
+    return [g if g is not None else x.new_empty(0) for g in (dx, *grads[1:])]
 
 
 @_lora_linear_backward_op.register_fake
@@ -127,70 +146,82 @@ def _(dy, x, weight, lora_A, lora_B, s, seed, scaling, dropout_p, needs, use_ker
     return [x.new_empty(shape, dtype=dt) if need else x.new_empty(0) for need, shape, dt in zip(needs, shapes, dtypes)]
 
 
-def _save(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, s, seed, use_kernels, keep=None) -> None:
+def _save(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, s, seed_or_keep, kernels) -> None:
     """Saved: x (alive anyway as the layer input), S [M, r], and the seed or (eager reference) the mask bytes."""
-    ctx.save_for_backward(x, weight, lora_A, lora_B, s, seed if keep is None else keep)
-    ctx.scaling = scaling
-    ctx.dropout_p = dropout_p
-    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight, lora_A, lora_B, s, seed_or_keep)
+    ctx.scaling, ctx.dropout_p, ctx.kernels = scaling, dropout_p, kernels
     ctx.bias_dtype = None if bias is None else bias.dtype
-    ctx.use_kernels = use_kernels
-    ctx.saved_keep = keep is not None
 
 
-def _backward(ctx, dy, gradients) -> tuple[torch.Tensor | None, ...]:
-    """With the frozen-or-not weight W, S = dropout(x) A^T saved by the forward and G = dY B:
-
-        dB = scaling * dY^T S                       [N, r]
-        dA = scaling * G^T dropout(x)               [r, K]   (mask drawn again from the seed, or saved)
-        dx = dY W + scaling * mask/(1-p) * (G A)    [M, K]
-        dW = dY^T x,  db = sum_M dY                 (only when they require grad)
-    """
-    x, weight, lora_A, lora_B, s, seed_or_keep = ctx.saved_tensors
+def _needs(ctx) -> list[bool] | None:
+    """Which of ``(dx, dW, db, dA, dB)`` the backward must compute; None when none."""
     nx, nw, nb, na, nbB = ctx.needs_input_grad[:5]
-    needs = [nx, nw, nb and ctx.has_bias, na, nbB]
-    if not any(needs):
-        return None, None, None, None, None, None, None
-    args = (dy, x, weight, lora_A, lora_B, s, seed_or_keep, ctx.scaling, ctx.dropout_p, needs, ctx.use_kernels)
-    grads = gradients(*args, seed_or_keep) if ctx.saved_keep else gradients(*args)
-    dx, dw, db, da, dbB = (g if need else None for g, need in zip(grads, needs))
-    if db is not None:
-        db = db.to(ctx.bias_dtype)
-    return dx, dw, db, da, dbB, None, None
+    nb = nb and ctx.bias_dtype is not None
+    return [nx, nw, nb, na, nbB] if nx or nw or nb or na or nbB else None
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, _, dropout_p = inputs
-    use_kernels = _kernels_for(x, weight, bias, lora_A, lora_B, dropout_p) is not None
-    _save(ctx, *inputs, *output[1:], use_kernels)
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p = inputs
+    kernels = _kernels_for(x, weight, bias, lora_A, lora_B, dropout_p)
+    _save(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, output[1], output[2], kernels)
 
 
-# What torch.compile traces: the backward goes through its own registered op.
-_lora_linear_op.register_autograd(
-    lambda ctx, dy, _ds, _dseed: _backward(ctx, dy, _lora_linear_backward_op), setup_context=_setup_context
-)
+def _op_backward(ctx, dy, _ds, _dseed):
+    """Through the registered backward op, so that torch.compile traces it (the formulas: the Function's)."""
+    needs = _needs(ctx)
+    if needs is None:
+        return None, None, None, None, None, None, None
+    x, weight, lora_A, lora_B, s, seed = ctx.saved_tensors
+    grads = _lora_linear_backward_op(dy, x, weight, lora_A, lora_B, s, seed, ctx.scaling, ctx.dropout_p, needs,
+                                     ctx.kernels is not None)
+    dx, dw, db, da, dbB = (g if need else None for g, need in zip(grads, needs))
+    return dx, dw, None if db is None else db.to(ctx.bias_dtype), da, dbB, None, None
 
 
+_lora_linear_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+# ---- eager calls ------------------------------------------------------------------------------------
 class _LoraLinearFunction(torch.autograd.Function):
     """The registered op's forward and backward for eager calls (see the module docstring); ``kernels``:
-    the module serving the call, None for the reference."""
+    the module serving the call, None for the reference. Thin on purpose: at one row the whole LoRA
+    update costs about as much as a few Python calls."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, kernels):
-        seed = keep = None
-        if dropout_p > 0.0:
-            seed = _draw_seed(x)
-            if kernels is None:
-                keep = torch.empty((x.numel() // x.shape[-1], x.shape[-1]), dtype=torch.uint8, device=x.device)
-        y, s = _run_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, kernels, keep)
-        if seed is None:
-            seed = torch.zeros((), device=x.device, dtype=torch.int64) if kernels is not None else s.new_empty(0)
-        _save(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, s, seed, kernels is not None, keep)
-        return y
+        x2 = _rows(x)
+        mask = None  # what the backward needs of the dropout mask: its bytes (reference), the seed (kernels)
+        if kernels is None:
+            seed = 0
+            if dropout_p > 0.0:
+                seed = _draw_seed_int(x)
+                mask = torch.empty(x2.shape, dtype=torch.uint8, device=x.device)
+        else:
+            seed = mask = _draw_seed(x) if dropout_p > 0.0 else torch.zeros((), device=x.device, dtype=torch.int64)
+        y, s = _run_forward(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, kernels, mask)
+        _save(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, s, mask, kernels)
+        return _unflatten(y, x)
 
     @staticmethod
     def backward(ctx, dy):
-        return *_backward(ctx, dy, _gradients), None
+        """With the frozen-or-not weight W, S = dropout(x) A^T saved by the forward and G = dY B:
+
+            dB = scaling * dY^T S                       [N, r]
+            dA = scaling * G^T dropout(x)               [r, K]   (mask from its bytes, or drawn again)
+            dx = dY W + scaling * mask/(1-p) * (G A)    [M, K]
+            dW = dY^T x,  db = sum_M dY                 (only when they require grad)
+        """
+        needs = _needs(ctx)
+        if needs is None:
+            return None, None, None, None, None, None, None, None
+        x, weight, lora_A, lora_B, s, mask = ctx.saved_tensors
+        kernels = ctx.kernels
+        seed, keep = (mask, None) if kernels is not None else (0, mask)
+        dx, dw, db, da, dbB = _run_backward(_rows(dy), _rows(x), weight, lora_A, lora_B, s, seed, ctx.scaling,
+                                            ctx.dropout_p, needs, kernels, keep)
+        if dx is not None and x.dim() != 2:
+            dx = dx.view(x.shape)
+        return dx, dw, None if db is None else db.to(ctx.bias_dtype), da, dbB, None, None, None
 
 
 def lora_linear(
@@ -223,11 +254,16 @@ def lora_linear(
         dtype = torch.get_autocast_dtype(device_type)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-    args = (x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p) if training else 0.0)
+    scaling = float(scaling)
+    p = float(dropout_p) if training else 0.0
     if torch.compiler.is_compiling():
-        return _lora_linear_op(*args)[0]
-    kernels = _kernels_for(*args[:5], args[6])
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):
-        return _LoraLinearFunction.apply(*args, kernels)
-    seed = _draw_seed(x) if args[6] > 0.0 else None
-    return _run_forward(*args, seed, kernels)[0]
+        return _lora_linear_op(x, weight, bias, lora_A, lora_B, scaling, p)[0]
+    kernels = _kernels_for(x, weight, bias, lora_A, lora_B, p)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_A.requires_grad
+                                    or lora_B.requires_grad or (bias is not None and bias.requires_grad)):
+        return _LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, p, kernels)
+    if kernels is None:
+        seed = _draw_seed_int(x) if p > 0.0 else 0
+    else:
+        seed = _draw_seed(x) if p > 0.0 else torch.zeros((), device=x.device, dtype=torch.int64)
+    return _unflatten(_run_forward(_rows(x), weight, bias, lora_A, lora_B, scaling, p, seed, kernels)[0], x)
