@@ -3,14 +3,19 @@ and its inputs, timing and memory.
 
 Timing (``time_calls``):
 - CPU: the calls of one group (every provider for one shape and mode) run interleaved, round after
-  round, in a rotating order, each call timed alone with ``time.perf_counter``; so a slow minute of a
-  shared machine hits every provider alike. Each provider holds its own copy of the weights, so the
-  calls in between evict a call's weights from the caches (they arrive cold, as each layer's do in a
-  model, and as ``do_bench`` makes them on a GPU by clearing the L2) while the interpreter and the
-  dispatcher stay warm, as they are in a model. Flushing every cache level before each call instead
-  was tried and rejected: it makes the Python code of every layer cold too, which no model sees
-  (PEFT's 16 x 16 LoRA forward+backward: 0.07 ms warm, 0.29 ms after a flush, AMD EPYC). The garbage
-  collector is off while timing. ``budget_s`` is the wall time per call in the group.
+  round, each round in a new random order (seeded), each call timed alone with ``time.perf_counter``; so
+  a slow minute of a shared machine hits every provider alike, and no provider always runs right after
+  the same one. (A rotating order did that: in a group listed base, PEFT, fastlora, ... each fastlora
+  call ran right after its PEFT twin in all rounds but one, which measured fastlora up to 10% slower
+  than the same code placed elsewhere in the list; shuffled, the two agree within 1%: 2-core EPYC, 16 x
+  1024 x 1024, r 16.) At least ``min_rounds`` rounds (15): the calls of a 2048-row group take 20 to 100
+  ms, and the time budget alone gave them 6 rounds, a median of 6 samples. Each provider holds its own
+  copy of the weights, so the calls in between evict a call's weights from the caches (they arrive cold,
+  as each layer's do in a model, and as ``do_bench`` makes them on a GPU by clearing the L2) while the
+  interpreter and the dispatcher stay warm, as they are in a model. Flushing every cache level before
+  each call instead was tried and rejected: it makes the Python code of every layer cold too, which no
+  model sees (PEFT's 16 x 16 LoRA forward+backward: 0.07 ms warm, 0.29 ms after a flush, AMD EPYC). The
+  garbage collector is off while timing. ``budget_s`` is the wall time per call in the group.
 - CUDA: ``triton.testing.do_bench`` (CUDA events; warm-up first) per call, or
   ``torch.cuda.Event`` timing when triton is missing; ``time_cuda_graph`` replays a captured graph
   for decode shapes (M <= 16), where launch latency is the cost.
@@ -34,6 +39,7 @@ import datetime as _dt
 import gc
 import os
 import platform
+import random
 import re
 import statistics
 import subprocess
@@ -250,7 +256,7 @@ def time_calls(
     calls: dict[Hashable, Callable[[], object]],
     device: torch.device,
     budget_s: float = 0.5,
-    min_rounds: int = 5,
+    min_rounds: int = 15,
     max_rounds: int = 2000,
     warmup_rounds: int = 2,
 ) -> dict[Hashable, Stats]:
@@ -274,9 +280,11 @@ def _time_cpu_interleaved(calls, budget_s, min_rounds, max_rounds, warmup_rounds
                 calls[key]()
             round_s = clock() - start
         rounds = max(min_rounds, min(max_rounds, int(budget_s * len(keys) / max(round_s, 1e-9))))
-        for i in range(rounds):
-            shift = i % len(keys)  # rotate the order: no provider always runs right after the same one
-            for key in keys[shift:] + keys[:shift]:
+        order = list(keys)
+        shuffle = random.Random(0).shuffle
+        for _ in range(rounds):
+            shuffle(order)  # no provider always runs right after the same one (see the module docstring)
+            for key in order:
                 fn = calls[key]
                 start = clock()
                 fn()

@@ -36,6 +36,7 @@ __all__ = [
 ]
 
 MASK_ROWS = 128
+SMALL_MASK = 8192
 _LANES = 2**16
 _streams = threading.local()
 
@@ -65,9 +66,12 @@ _NUMPY_OUT = {torch.bool: np.bool_, torch.uint8: np.bool_, torch.float32: np.flo
 def fill_keep(out: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """Write the keep-mask (1 = kept, 0 = dropped) for an ``[m, k]`` tensor into ``out`` (any dtype).
 
-    Drawn block by block of ``MASK_ROWS`` rows from one stream, so the random words in flight are bounded
+    Up to ``SMALL_MASK`` elements: torch's ``bernoulli_`` on a generator seeded with ``seed``. Above: drawn
+    block by block of ``MASK_ROWS`` rows from one SFC64 stream, so the random words in flight are bounded
     by one block whatever ``m`` is.
     """
+    if out.numel() <= SMALL_MASK:
+        return _fill_keep_small(out, p, seed)
     m, k = out.shape
     gen = _stream(seed)
     skip = _SKIP
@@ -85,6 +89,16 @@ def fill_keep(out: torch.Tensor, p: float, seed: int) -> torch.Tensor:
         else:
             torch.ge(torch.from_numpy(lanes).to(out.device), threshold, out=out[start:stop])
     return out
+
+
+def _fill_keep_small(out: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    gen = getattr(_streams, "torch_gen", None)
+    if gen is None:
+        gen = _streams.torch_gen = torch.Generator()
+    gen.manual_seed(seed)
+    if out.device.type == "cpu":
+        return out.bernoulli_(1.0 - p, generator=gen)
+    return out.copy_(torch.empty(out.shape, dtype=torch.uint8).bernoulli_(1.0 - p, generator=gen))
 
 
 def dropout_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -> torch.Tensor:
@@ -128,8 +142,12 @@ def lora_linear_fwd_ref(
     seed: int,
     keep: torch.Tensor | None = None,  # [M, K] uint8, filled with the mask when given
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``y: [M, N]`` and ``S = dropout(x) A^T: [M, r]``, saved for backward in at least fp32 (the
+    """Returns ``y: [M, N]`` and ``S = (mask * x) A^T: [M, r]``, saved for backward in at least fp32 (the
     kernels accumulate S in fp32 and keep it so; the op promises one dtype whatever the backend).
+
+    S leaves out dropout's ``1 / (1 - p)``, which rides in the alpha of the matmuls that read S (here and
+    in ``lora_linear_bwd_ref``) instead of costing a multiply of its own (the kernels keep S scaled; a
+    backward always runs on the backend its forward ran on).
 
     With dropout and ``keep`` given, the mask drawn from ``seed`` is also written into ``keep`` (one byte
     per element), for a backward that reads it instead of drawing it again.
@@ -146,11 +164,14 @@ def lora_linear_fwd_ref(
         if keep is not None:
             fill_keep(keep, dropout_p, seed)
         # The dropped copy of x lives only until S is computed (PEFT's stays alive for the backward).
-        dropped = _mask(x2, dropout_p, seed, keep).mul_(x2)  # without 1 / (1 - p), folded into S
-        s = torch.mm(dropped, a_t).mul_(1.0 / (1.0 - dropout_p))
+        if keep is not None and keep.numel() <= SMALL_MASK:
+            dropped = x2 * keep
+        else:
+            dropped = _mask(x2, dropout_p, seed, keep).mul_(x2)  # without 1 / (1 - p): see the docstring
+        s = torch.mm(dropped, a_t)
         del dropped
     # One in-place update instead of PEFT's separate B-output, scale and add: fewer M x N temporaries.
-    y.addmm_(s, _as(lora_B, dtype).t(), alpha=scaling)
+    y.addmm_(s, _as(lora_B, dtype).t(), alpha=scaling / (1.0 - dropout_p))
     return y, _as(s, _s_dtype(dtype))
 
 
@@ -173,35 +194,42 @@ def lora_linear_bwd_ref(
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients ``(dx, dW, db, dA, dB)``, each None when not needed.
 
-    With ``G = dY B`` ([M, r]):  dB = scaling dY^T S,  dA = scaling G^T dropout(x),
-    dx = dY W + scaling * mask / (1 - p) * (G A),  dW = dY^T x,  db = sum_M dY.
-    The scale factors go onto [M, r] or [N, r] operands, never onto an [M, K] result. The two products
-    that read dY for the adapter come first, back to back, while dY is in cache.
+    With ``G = dY B`` ([M, r]) and S saved without ``1 / (1 - p)`` (``lora_linear_fwd_ref``), c =
+    scaling / (1 - p):  dB = c dY^T S,  dA = c G^T (mask * x),  dx = dY W + c mask * (G A),
+    dW = dY^T x,  db = sum_M dY. The scale c rides in the matmuls' alpha (``addmm`` with beta = 0, whose
+    first operand is then only a shape and is never read): a multiply by a Python float is a dispatch of
+    its own, 3.7 us on a 2-core EPYC at one row. The two products that read dY for the adapter come
+    first, back to back, while dY is in cache.
     """
     dtype = x2.dtype
     dy = _as(dy, dtype)
+    c = scaling / (1.0 - dropout_p)
     dx = dw = db = da = dbB = None
+    b = _as(lora_B, dtype)
     if needs_da or needs_dx:
-        gs = torch.mm(dy, _as(lora_B, dtype)).mul_(scaling / (1.0 - dropout_p))  # G, scaled: [M, r]
+        g = torch.mm(dy, b)  # [M, N] @ [N, r] -> [M, r]
     if needs_dbB:
         if s.dtype == dtype:
-            dbB = torch.mm(dy.t(), s).mul_(scaling)  # [N, M] @ [M, r] -> [N, r]
+            dbB = torch.addmm(b, dy.t(), s, beta=0, alpha=c)  # [N, M] @ [M, r] -> [N, r]
         else:
-            dbB = torch.mm(dy.t(), (s * scaling).to(dtype))
+            dbB = torch.mm(dy.t(), (s * c).to(dtype))
         dbB = _as(dbB, lora_B.dtype)
     if needs_da or needs_dx:
         a = _as(lora_A, dtype)
         if dropout_p == 0.0:
             if needs_da:
-                da = torch.mm(gs.t(), x2)  # [r, M] @ [M, K] -> [r, K]
+                da = torch.addmm(a, g.t(), x2, beta=0, alpha=c)  # [r, M] @ [M, K] -> [r, K]
             if needs_dx:
-                dx = torch.mm(gs, a).addmm_(dy, _as(weight, dtype))  # [M, r] @ [r, K] + [M, N] @ [N, K]
+                # [M, r] @ [r, K] + [M, N] @ [N, K], accumulated in place
+                dx = torch.addmm(x2, g, a, beta=0, alpha=c).addmm_(dy, _as(weight, dtype))
         else:
-            mask = _mask(x2, dropout_p, seed, keep)
+            # Small masks stay bytes (one multiply each); large ones convert once to x's dtype, which
+            # is faster than two mixed-dtype multiplies (2048 x 1024: 217 us against 273 + 583).
+            mask = keep if keep is not None and keep.numel() <= SMALL_MASK else _mask(x2, dropout_p, seed, keep)
             if needs_dx:
-                update = torch.mm(gs, a).mul_(mask)  # [M, r] @ [r, K] -> [M, K], masked
+                update = torch.addmm(x2, g, a, beta=0, alpha=c).mul_(mask)  # [M, K], masked
             if needs_da:
-                da = torch.mm(gs.t(), mask.mul_(x2))  # G^T (mask * x)
+                da = torch.addmm(a, g.t(), x2 * mask if mask is keep else mask.mul_(x2), beta=0, alpha=c)
             del mask
             if needs_dx:
                 # dx accumulates into the masked update in place (an addmm into another tensor would first
