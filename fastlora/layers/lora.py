@@ -101,30 +101,34 @@ class LoraLinear(AdapterLayer):
 
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.mixed_batch is not None and not self._disable_adapters:
-            return mixed_batch_forward(self, x, *args, **kwargs)
-        active = self._active()
-        if self._disable_adapters or self.merged or not active:
+        # The hot path of every adapted layer: each attribute of an nn.Module looked up through its
+        # __getattr__ costs a Python call, so each is looked up once (a layer's Python costs about as
+        # much as its whole LoRA update at one row).
+        if self._disable_adapters:
             return self.base_layer(x, *args, **kwargs)
-        first, *rest = active
-        lora_args = (self.lora_A[first].weight, self.lora_B[first].weight, self.scaling[first],
-                     self._dropout_p(first), self.training)
+        if self.mixed_batch is not None:
+            return mixed_batch_forward(self, x, *args, **kwargs)
+        lora_A = self.lora_A
+        active = [name for name in self._active_adapters if name in lora_A]
+        if self.merged_adapters or not active:
+            return self.base_layer(x, *args, **kwargs)
+        first = active[0]
         base = self.base_layer
+        dropout = self.lora_dropout[first]
+        lora_args = (lora_A[first].weight, self.lora_B[first].weight, self.scaling[first],
+                     dropout.p if isinstance(dropout, nn.Dropout) else 0.0, self.training)
         if isinstance(base, LinearNF4):
             dtype = x.dtype
             xc = x if base.compute_dtype is None else x.to(base.compute_dtype)
             y = nf4_linear(xc, base.weight, base.quant_state, base.bias, *lora_args).to(dtype)
         else:
-            y = lora_linear(x, self._base_weight(), base.bias, *lora_args)
-        for name in rest:  # several adapters active at once: rare, plain PyTorch
-            a, b = self.lora_A[name].weight, self.lora_B[name].weight
+            weight = base.weight
+            y = lora_linear(x, weight.t() if self.fan_in_fan_out else weight, base.bias, *lora_args)
+        for name in active[1:]:  # several adapters active at once: rare, plain PyTorch
+            a, b = lora_A[name].weight, self.lora_B[name].weight
             xd = self.lora_dropout[name](x).to(a.dtype)
             y = y + (self.scaling[name] * (xd @ a.t() @ b.t())).to(y.dtype)
         return y
-
-    def _dropout_p(self, adapter_name: str) -> float:
-        module = self.lora_dropout[adapter_name]
-        return module.p if isinstance(module, nn.Dropout) else 0.0
 
     # ---- merging ---------------------------------------------------------------------------------
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:

@@ -27,7 +27,7 @@ import threading
 import torch
 
 from fastlora import reference
-from fastlora.ops.dispatch import resolve_backend, serving_kernels
+from fastlora.ops.dispatch import get_backend, resolve_backend, serving_kernels
 
 __all__ = ["lora_linear"]
 
@@ -242,13 +242,9 @@ def lora_linear(
     """
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if x.shape[-1] != weight.shape[1] or lora_A.shape[1] != weight.shape[1] or lora_B.shape[0] != weight.shape[0]:
-        raise ValueError(
-            f"lora_linear: shapes do not fit: x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
-            f"lora_A {tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)}"
-        )
-    if lora_A.shape[0] != lora_B.shape[1]:
-        raise ValueError(f"lora_linear: rank mismatch, lora_A {tuple(lora_A.shape)} vs lora_B {tuple(lora_B.shape)}")
+    w_shape, a_shape, b_shape = weight.shape, lora_A.shape, lora_B.shape
+    if x.shape[-1] != w_shape[1] or a_shape[1] != w_shape[1] or b_shape[0] != w_shape[0] or a_shape[0] != b_shape[1]:
+        _raise_shapes(x, weight, lora_A, lora_B)
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
@@ -258,7 +254,8 @@ def lora_linear(
     p = float(dropout_p) if training else 0.0
     if torch.compiler.is_compiling():
         return _lora_linear_op(x, weight, bias, lora_A, lora_B, scaling, p)[0]
-    kernels = _kernels_for(x, weight, bias, lora_A, lora_B, p)
+    # On CPU only FASTLORA_BACKEND=triton asks for the kernels: the common case skips the dispatch module.
+    kernels = None if device_type == "cpu" and get_backend() != "triton" else _kernels_for(x, weight, bias, lora_A, lora_B, p)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_A.requires_grad
                                     or lora_B.requires_grad or (bias is not None and bias.requires_grad)):
         return _LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, p, kernels)
@@ -267,3 +264,13 @@ def lora_linear(
     else:
         seed = _draw_seed(x) if p > 0.0 else torch.zeros((), device=x.device, dtype=torch.int64)
     return _unflatten(_run_forward(_rows(x), weight, bias, lora_A, lora_B, scaling, p, seed, kernels)[0], x)
+
+
+def _raise_shapes(x, weight, lora_A, lora_B):
+    if lora_A.shape[0] != lora_B.shape[1] and x.shape[-1] == weight.shape[1] == lora_A.shape[1] \
+            and lora_B.shape[0] == weight.shape[0]:
+        raise ValueError(f"lora_linear: rank mismatch, lora_A {tuple(lora_A.shape)} vs lora_B {tuple(lora_B.shape)}")
+    raise ValueError(
+        f"lora_linear: shapes do not fit: x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
+        f"lora_A {tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)}"
+    )
