@@ -7,15 +7,19 @@ Conventions (PEFT's): ``lora_A: [r, in]``, ``lora_B: [out, r]``, inverted dropou
 Everything here runs in the input's dtype (matmuls accumulate in fp32 internally); adapter weights
 kept in fp32 are cast down to the input dtype, never the input up: the input is the large tensor.
 
-Dropout masks come from a stream: numpy's SFC64 generator, its state set from the seed, draws 64-bit
-words block by block of ``MASK_ROWS`` rows, in order, so the mask is a function of ``(seed, shape, p)``
-on every device and a backward can draw it again from the seed (the eager op instead hands the backward
-the mask as bytes, see ``fastlora.ops.lora_linear``). Each element takes one 16-bit lane of a word and
-is kept when its lane is at or above a threshold: p is rounded to a multiple of 2^-16 (at most 7.6e-6
-off); kept values are scaled by exactly ``1 / (1 - p)``. SFC64 passes BigCrush and PractRand; on CPU it
-draws a word about 3x faster than torch's mt19937. On CPU the mask is written into an x-sized
-temporary in x's dtype while one op needs it, which measures faster than block-sized pieces with small
-matmuls; the Triton kernels draw it in registers instead.
+Dropout masks are a function of ``(seed, shape, p)`` on every device, so a backward can draw one again
+from its seed (the eager op instead hands the backward the mask it drew, see
+``fastlora.ops.lora_linear``). Up to ``SMALL_MASK`` elements (a few rows at decode sizes) the mask is
+torch's ``bernoulli_`` on a CPU generator seeded with the seed: one call, where the cost of a call is
+what counts (that mask follows torch's CPU generator, which on Intel CPUs runs through MKL: it is the
+same on every run of a machine, not across CPU vendors). Larger masks come from a stream: numpy's SFC64
+generator, its state set from the seed, draws 64-bit words block by block of ``MASK_ROWS`` rows, in
+order. Each element takes one 16-bit lane of a word and is kept when its lane is at or above a
+threshold: p is rounded to a multiple of 2^-16 (at most 7.6e-6 off). SFC64 passes BigCrush and
+PractRand; on CPU it draws a word about 3x faster than torch's mt19937, and a 2048 x 1024 mask about 12x
+faster than ``bernoulli_`` (2-core EPYC). Kept values are scaled by exactly ``1 / (1 - p)``. On CPU the
+mask is written into an x-sized temporary in x's dtype while one op needs it, which measures faster
+than block-sized pieces with small matmuls; the Triton kernels draw it in registers instead.
 """
 
 from __future__ import annotations
@@ -222,14 +226,24 @@ def lora_linear_bwd_ref(
             if needs_dx:
                 # [M, r] @ [r, K] + [M, N] @ [N, K], accumulated in place
                 dx = torch.addmm(x2, g, a, beta=0, alpha=c).addmm_(dy, _as(weight, dtype))
+        elif keep is not None and keep.numel() <= SMALL_MASK:
+            # A small mask as it was saved (in x's dtype, see fastlora.ops.lora_linear): one multiply per
+            # use, and one x-sized buffer: mask * x for dA, then the masked update dx accumulates in.
+            buf = None
+            if needs_da:
+                buf = torch.mul(x2, keep)
+                da = torch.addmm(a, g.t(), buf, beta=0, alpha=c)  # c G^T (mask * x)
+            if needs_dx:
+                update = torch.addmm(x2 if buf is None else buf, g, a, beta=0, alpha=c, out=buf).mul_(keep)
+                dx = update.addmm_(dy, _as(weight, dtype))  # c mask * (G A) + dY W
         else:
-            # Small masks stay bytes (one multiply each); large ones convert once to x's dtype, which
-            # is faster than two mixed-dtype multiplies (2048 x 1024: 217 us against 273 + 583).
-            mask = keep if keep is not None and keep.numel() <= SMALL_MASK else _mask(x2, dropout_p, seed, keep)
+            # A large mask converts once to x's dtype, which is faster than two mixed-dtype multiplies
+            # (2048 x 1024: 217 us against 273 + 583).
+            mask = _mask(x2, dropout_p, seed, keep)
             if needs_dx:
                 update = torch.addmm(x2, g, a, beta=0, alpha=c).mul_(mask)  # [M, K], masked
             if needs_da:
-                da = torch.addmm(a, g.t(), x2 * mask if mask is keep else mask.mul_(x2), beta=0, alpha=c)
+                da = torch.addmm(a, g.t(), mask.mul_(x2), beta=0, alpha=c)  # c G^T (mask * x)
             del mask
             if needs_dx:
                 # dx accumulates into the masked update in place (an addmm into another tensor would first

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from fastlora.reference import dropout_mask, lora_linear_bwd_ref, lora_linear_fwd_ref, lora_linear_ref
+from fastlora.reference import SMALL_MASK, dropout_mask, lora_linear_bwd_ref, lora_linear_fwd_ref, lora_linear_ref
 
 F64 = dict(rtol=1e-10, atol=1e-10)
 
@@ -27,8 +27,13 @@ def _inputs(m=20, k=12, n=10, r=3, dtype=torch.float64, transposed=False, bias=T
 
 # ---- dropout mask -----------------------------------------------------------------------------------
 
-def test_dropout_mask_is_a_function_of_the_seed():
-    shape = torch.Size([64, 32])
+# Both generators: torch's bernoulli_ up to SMALL_MASK elements, SFC64 above.
+MASK_SHAPES = pytest.mark.parametrize("shape", [torch.Size([4, 1000]), torch.Size([64, 320])], ids=["small", "large"])
+
+
+@MASK_SHAPES
+def test_dropout_mask_is_a_function_of_the_seed(shape):
+    assert (shape.numel() <= SMALL_MASK) == (shape[0] == 4)
     m1 = dropout_mask(shape, 0.3, 1234, torch.device("cpu"))
     torch.rand(100)  # the global generator is not involved
     m2 = dropout_mask(shape, 0.3, 1234, torch.device("cpu"))
@@ -38,9 +43,9 @@ def test_dropout_mask_is_a_function_of_the_seed():
     assert not torch.equal(m1, m3)
 
 
+@pytest.mark.parametrize("n", [8000, 200_000], ids=["small", "large"])
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
-def test_dropout_mask_keeps_about_one_minus_p(p):
-    n = 200_000
+def test_dropout_mask_keeps_about_one_minus_p(p, n):
     kept = dropout_mask(torch.Size([n]), p, 7, torch.device("cpu")).float().mean().item()
     sigma = math.sqrt(p * (1 - p) / n)
     assert abs(kept - (1 - p)) < 5 * sigma

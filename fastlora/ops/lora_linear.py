@@ -6,18 +6,21 @@ under ``torch.compile`` and ``torch.library.opcheck``. The implementation is cho
 
 Eager calls skip the registered op's dispatch, which costs about 75 us per forward + backward on a
 2-core CPU (torch 2.13): more than the whole LoRA update at decode sizes. They run the same forward
-and backward functions through an ``autograd.Function`` (``_LoraLinearFunction``). (Native
-differentiable ops, with no Python in the backward, measured up to 5% faster for one to four rows, but
-their autograd keeps an extra [M, r] gradient alive: 32 bytes more than PEFT at one row, where the
-Function keeps 4 KB less.) Under ``torch.compile`` the registered op is what gets traced.
+and backward functions through an ``autograd.Function`` (``_LoraLinearFunction``), applied without
+``Function.apply``'s Python wrapper when no functorch transform is active. (Native differentiable ops,
+with no Python in the backward, keep more memory than PEFT in the backward: autograd's addmm backward
+scales its [M, r] and [r, N] gradients into new tensors, 1.45x PEFT's peak at one row, 1024 -> 2816,
+r 64.) Under ``torch.compile`` the registered op is what gets traced.
 
 Dropout on the reference: the mask is a function of a seed drawn from torch's generator (so
 ``torch.manual_seed`` reproduces a run). The registered op saves the seed and its backward draws the
-mask again, as the kernels do. The eager ``Function`` keeps the mask as one byte per element instead:
-on a CPU, drawing it again costs about what PEFT's backward spends scaling and adding [M, N] and
-[M, K] tensors that ours does not (measured on a 2-core Xeon, 256 rows, 1024 -> 1024, r 8, the
-backward alone: 1.15x PEFT's time with the redraw, 1.01x with the bytes), and a byte per element is an
-eighth of what PEFT keeps (a dropped copy of x and its fp32 mask).
+mask again, as the kernels do. The eager ``Function`` keeps the mask instead, as one byte per element,
+or for at most ``reference.SMALL_MASK`` elements in x's dtype (there each multiply by a byte mask
+converts it first, a large part of a decode-sized call): on a CPU, drawing it again costs about what
+PEFT's backward spends scaling and adding [M, N] and [M, K] tensors that ours does not (measured on a
+2-core Xeon, 256 rows, 1024 -> 1024, r 8, the backward alone: 1.15x PEFT's time with the redraw, 1.01x
+with the bytes), and a byte per element is an eighth of what PEFT keeps (a dropped copy of x and its
+fp32 mask; the few-rows mask in x's dtype, half).
 """
 
 from __future__ import annotations
@@ -189,18 +192,23 @@ class _LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, kernels):
-        x2 = _rows(x)
-        mask = None  # what the backward needs of the dropout mask: its bytes (reference), the seed (kernels)
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         if kernels is None:
-            seed = 0
+            mask = seed = None  # the dropout mask, which the backward reads
             if dropout_p > 0.0:
                 seed = _draw_seed_int(x)
-                mask = torch.empty(x2.shape, dtype=torch.uint8, device=x.device)
+                # As bytes, or for a few rows in x's dtype: there the multiplies by it are a large part
+                # of the call, and mixed-dtype ones convert as they go (at most 32 KiB).
+                small = x2.numel() <= reference.SMALL_MASK
+                mask = torch.empty(x2.shape, dtype=x.dtype if small else torch.uint8, device=x.device)
+            y, s = reference.lora_linear_fwd_ref(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, mask)
         else:
-            seed = mask = _draw_seed(x) if dropout_p > 0.0 else torch.zeros((), device=x.device, dtype=torch.int64)
-        y, s = _run_forward(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, kernels, mask)
-        _save(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, s, mask, kernels)
-        return _unflatten(y, x)
+            mask = _draw_seed(x) if dropout_p > 0.0 else torch.zeros((), device=x.device, dtype=torch.int64)
+            y, s = kernels.lora_linear_fwd(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, mask)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, s, mask)
+        ctx.scaling, ctx.dropout_p, ctx.kernels = scaling, dropout_p, kernels
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
@@ -211,17 +219,37 @@ class _LoraLinearFunction(torch.autograd.Function):
             dx = dY W + scaling * mask/(1-p) * (G A)    [M, K]
             dW = dY^T x,  db = sum_M dY                 (only when they require grad)
         """
-        needs = _needs(ctx)
-        if needs is None:
+        nx, nw, nb, na, nbB = ctx.needs_input_grad[:5]
+        nb = nb and ctx.bias_dtype is not None
+        if not (nx or nw or nb or na or nbB):
             return None, None, None, None, None, None, None, None
         x, weight, lora_A, lora_B, s, mask = ctx.saved_tensors
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        dy2 = dy if dy.dim() == 2 else dy.reshape(-1, dy.shape[-1])
         kernels = ctx.kernels
-        seed, keep = (mask, None) if kernels is not None else (0, mask)
-        dx, dw, db, da, dbB = _run_backward(_rows(dy), _rows(x), weight, lora_A, lora_B, s, seed, ctx.scaling,
-                                            ctx.dropout_p, needs, kernels, keep)
+        if kernels is None:
+            dx, dw, db, da, dbB = reference.lora_linear_bwd_ref(
+                dy2, x2, weight, lora_A, lora_B, s, ctx.scaling, ctx.dropout_p, 0, nx, nw, nb, na, nbB, mask)
+        else:
+            dx, dw, db, da, dbB = kernels.lora_linear_bwd(
+                dy2, x2, weight, lora_A, lora_B, s, mask, ctx.scaling, ctx.dropout_p, nx, nw, nb, na, nbB)
         if dx is not None and x.dim() != 2:
             dx = dx.view(x.shape)
         return dx, dw, None if db is None else db.to(ctx.bias_dtype), da, dbB, None, None, None
+
+
+# Function.apply's Python wrapper (functorch bookkeeping) costs about 1.5 us per call; without functorch
+# transforms active it only forwards to the C++ apply, called here directly (Function.apply itself where a
+# torch version lacks either).
+_c_apply = getattr(getattr(torch._C, "_FunctionBase", None), "__dict__", {}).get("apply")
+_c_apply = None if _c_apply is None else _c_apply.__get__(None, _LoraLinearFunction)
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+
+
+def _apply(*args):
+    if _c_apply is None or _functorch_active is None or _functorch_active():
+        return _LoraLinearFunction.apply(*args)
+    return _c_apply(*args)
 
 
 def lora_linear(
@@ -258,7 +286,7 @@ def lora_linear(
     kernels = None if device_type == "cpu" and get_backend() != "triton" else _kernels_for(x, weight, bias, lora_A, lora_B, p)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_A.requires_grad
                                     or lora_B.requires_grad or (bias is not None and bias.requires_grad)):
-        return _LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, p, kernels)
+        return _apply(x, weight, bias, lora_A, lora_B, scaling, p, kernels)
     if kernels is None:
         seed = _draw_seed_int(x) if p > 0.0 else 0
     else:
