@@ -68,6 +68,7 @@ def _row(op: str, spec, stats, mem: dict, base_p50: float, dtype: str, env, extr
         p50_ms=stats.p50_ms, p20_ms=stats.p20_ms, p80_ms=stats.p80_ms, peak_mb=mem["peak_mb"],
         ratio_to_base=stats.p50_ms / base_p50, **env.columns(),
         saved_mb=mem["saved_mb"], out_mb=mem["out_mb"], timer=stats.timer, samples=stats.samples,
+        p50_lo_ms=stats.p50_lo_ms, p50_hi_ms=stats.p50_hi_ms,
     )
     row.update(extra or {})
     return row

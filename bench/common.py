@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import gc
+import math
 import os
 import platform
 import random
@@ -245,11 +246,26 @@ class Stats:
     p80_ms: float
     samples: int
     timer: str  # "perf_counter", "do_bench", "cuda_event", "cuda_graph"
+    # A 95% confidence interval of the median (NaN where the timer gives no samples): two providers whose
+    # intervals do not overlap differ by more than this run's noise.
+    p50_lo_ms: float = float("nan")
+    p50_hi_ms: float = float("nan")
 
 
 def _quantiles_ms(seconds: list[float]) -> tuple[float, float, float]:
     qs = statistics.quantiles(seconds, n=10, method="inclusive") if len(seconds) > 1 else seconds * 9
     return statistics.median(seconds) * 1e3, qs[1] * 1e3, qs[7] * 1e3  # p50, p20, p80
+
+
+def _median_interval_ms(seconds: list[float]) -> dict[str, float]:
+    """The distribution-free 95% interval of the median: the order statistics n/2 -+ 1.96 sqrt(n)/2."""
+    n = len(seconds)
+    if n < 6:
+        return {}
+    ordered = sorted(seconds)
+    half = 1.96 * math.sqrt(n) / 2
+    lo, hi = max(0, math.floor(n / 2 - half)), min(n - 1, math.ceil(n / 2 + half) - 1)
+    return {"p50_lo_ms": ordered[lo] * 1e3, "p50_hi_ms": ordered[hi] * 1e3}
 
 
 def time_calls(
@@ -292,8 +308,8 @@ def _time_cpu_interleaved(calls, budget_s, min_rounds, max_rounds, warmup_rounds
     finally:
         if gc_was_enabled:
             gc.enable()
-    return {key: Stats(*_quantiles_ms(samples[key]), samples=len(samples[key]), timer="perf_counter")
-            for key in keys}
+    return {key: Stats(*_quantiles_ms(samples[key]), samples=len(samples[key]), timer="perf_counter",
+                       **_median_interval_ms(samples[key])) for key in keys}
 
 
 def _time_cuda(fn: Callable[[], object], budget_s: float) -> Stats:
@@ -320,7 +336,7 @@ def _time_cuda_events(fn: Callable[[], object], rep_ms: float) -> Stats:
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
         total += times[-1] * 1e3
-    return Stats(*_quantiles_ms(times), samples=len(times), timer="cuda_event")
+    return Stats(*_quantiles_ms(times), samples=len(times), timer="cuda_event", **_median_interval_ms(times))
 
 
 def time_cuda_graph(fn: Callable[[], object], budget_s: float = 0.5) -> Stats | None:

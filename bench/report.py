@@ -78,9 +78,19 @@ def comparisons(rows: list[dict]) -> list[dict]:
                 op=op, mode=mode, M=m, K=k, N=n, dtype=dtype, r=r, dropout=p, base=base.get((op, mode, m, k, n)),
                 theirs=theirs, ours=ours, against=against, vs_theirs=ours["p50_ms"] / theirs["p50_ms"],
                 slower=ours["p50_ms"] > theirs["p50_ms"],
+                clearly_slower=_clearly_slower(ours, theirs),
                 heavier=_more(ours["peak_mb"], theirs["peak_mb"]) or _more(ours["saved_mb"], theirs["saved_mb"]),
             ))
     return out
+
+
+def _clearly_slower(ours: dict, theirs: dict) -> bool:
+    """Slower beyond the run's noise: the 95% intervals of the two medians do not overlap (without
+    intervals, as from ``do_bench``, any slower median counts)."""
+    if ours["p50_ms"] <= theirs["p50_ms"]:
+        return False
+    lo, hi = ours.get("p50_lo_ms", math.nan), theirs.get("p50_hi_ms", math.nan)
+    return not (lo <= hi)  # NaN: no interval
 
 
 # "More memory" means more by over 1 KiB: fastlora saves its dropout seed (an 8-byte int64 tensor) even
@@ -110,7 +120,7 @@ def _lora_linear_table(lines: list[dict], theirs: str = "PEFT", weights: bool = 
     ]
     for c in lines:
         b, p, f = c["base"], c["theirs"], c["ours"]
-        flag = " !" if c["slower"] else ""
+        flag = " !!" if c["clearly_slower"] else " !" if c["slower"] else ""
         heavy = " !" if c["heavier"] else ""
         w_cell = f"{_weights(c['dtype'])} | " if weights else ""
         out.append(
@@ -196,7 +206,8 @@ def write_markdown(rows: list[dict], meta: dict, path: Path) -> str:
         f"dtype {meta['dtype']}, preset {meta['preset']}. Command: `{meta['command']}`",
         "",
         "Times are medians (p50) in ms; ratios divide medians. `fastlora/PEFT` above 1 means fastlora was "
-        "slower (marked `!`). peak MB: the most memory the measured call allocated beyond its inputs and "
+        "slower (marked `!`; `!!` where the 95% intervals of the two medians do not overlap, that is, slower "
+        "beyond the run's noise). peak MB: the most memory the measured call allocated beyond its inputs and "
         "weights (the backward alone counts the activations its forward saved); saved MB: activations "
         "autograd keeps for the backward; out MB: the output. See bench/README.md.",
     ]
@@ -223,6 +234,7 @@ def _summary(lines: list[dict]) -> str:
         group = [c for c in lines if c["against"] == against]
         name = RIVAL_NAMES.get(against, against)
         slower = [c for c in group if c["slower"]]
+        clearly = [c for c in group if c["clearly_slower"]]
         heavier = [c for c in group if c["heavier"]]
         worst = max(group, key=lambda c: c["vs_theirs"])
         ratios = sorted(c["vs_theirs"] for c in group)
@@ -232,7 +244,7 @@ def _summary(lines: list[dict]) -> str:
             f"fastlora/{name} time over {len(group)} comparisons: median {ratios[len(ratios) // 2]:.2f}, "
             f"best {ratios[0]:.2f}, worst {worst['vs_theirs']:.2f} ({worst['mode']} M={worst['M']} "
             f"K={worst['K']} N={worst['N']}{adapter}). Slower than {name} (median) "
-            f"in {len(slower)}; more memory than {name} (peak or saved, by over 1 KiB) in {len(heavier)}.")
+            f"in {len(slower)}, beyond the run's noise in {len(clearly)}; more memory than {name} (peak or saved, by over 1 KiB) in {len(heavier)}.")
     return " ".join(out)
 
 
@@ -254,10 +266,13 @@ def readme_section(rows: list[dict], meta: dict, source: str) -> str:
     if lines:
         text += [
             "One LoRA linear layer (shapes: M tokens x (K, N) projections x r), fastlora over PEFT "
-            "(below 1: fastlora faster / lighter):",
+            "(below 1: fastlora faster / lighter); slower in: the shapes where fastlora's median time is "
+            "above PEFT's, beyond noise: those of them where the 95% intervals of the two medians do not "
+            "overlap:",
             "",
-            "| mode | dropout | shapes | time: median | best | worst | slower in | peak memory: median | worst |",
-            "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+            "| mode | dropout | shapes | time: median | best | worst | slower in | beyond noise | "
+            "peak memory: median | worst |",
+            "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
         ]
         groups: dict[tuple, list[dict]] = defaultdict(list)
         for c in lines:
@@ -266,10 +281,11 @@ def readme_section(rows: list[dict], meta: dict, source: str) -> str:
             times = sorted(c["vs_theirs"] for c in group)
             mems = sorted(c["ours"]["peak_mb"] / c["theirs"]["peak_mb"] for c in group if c["theirs"]["peak_mb"])
             slower = [c for c in group if c["slower"]]
+            clearly = sum(c["clearly_slower"] for c in group)
             where = ", ".join(sorted({f"M={c['M']}" for c in slower}, key=lambda t: int(t[2:]))) or "none"
             text.append(
                 f"| {mode} | {p:g} | {len(group)} | {times[len(times) // 2]:.2f} | {times[0]:.2f} | {times[-1]:.2f} "
-                f"| {len(slower)} ({where}) | {mems[len(mems) // 2]:.2f} | {mems[-1]:.2f} |")
+                f"| {len(slower)} ({where}) | {clearly} | {mems[len(mems) // 2]:.2f} | {mems[-1]:.2f} |")
     steps = [r for r in rows if r["op"] == "train_step"]
     if steps:
         text += ["", "Training step of a small Llama built from a config (LoRA r=16 on every projection):", ""]
