@@ -8,14 +8,15 @@ Timing (``time_calls``):
   the same one. (A rotating order did that: in a group listed base, PEFT, fastlora, ... each fastlora
   call ran right after its PEFT twin in all rounds but one, which measured fastlora up to 10% slower
   than the same code placed elsewhere in the list; shuffled, the two agree within 1%: 2-core EPYC, 16 x
-  1024 x 1024, r 16.) At least ``min_rounds`` rounds (15): the calls of a 2048-row group take 20 to 100
-  ms, and the time budget alone gave them 6 rounds, a median of 6 samples. Each provider holds its own
-  copy of the weights, so the calls in between evict a call's weights from the caches (they arrive cold,
-  as each layer's do in a model, and as ``do_bench`` makes them on a GPU by clearing the L2) while the
-  interpreter and the dispatcher stay warm, as they are in a model. Flushing every cache level before
-  each call instead was tried and rejected: it makes the Python code of every layer cold too, which no
-  model sees (PEFT's 16 x 16 LoRA forward+backward: 0.07 ms warm, 0.29 ms after a flush, AMD EPYC). The
-  garbage collector is off while timing. ``budget_s`` is the wall time per call in the group.
+  1024 x 1024, r 16.) At least ``min_rounds`` rounds (25): the calls of a 2048-row group take 20 to 100
+  ms, and the time budget alone gave them 6 rounds; with 15, single rows of a full run still came out 10
+  to 14% off the rest of their shape. Each provider holds its own copy of the weights, so the calls in
+  between evict a call's weights from the caches (they arrive cold, as each layer's do in a model, and
+  as ``do_bench`` makes them on a GPU by clearing the L2) while the interpreter and the dispatcher stay
+  warm, as they are in a model. Flushing every cache level before each call instead was tried and
+  rejected: it makes the Python code of every layer cold too, which no model sees (PEFT's 16 x 16 LoRA
+  forward+backward: 0.07 ms warm, 0.29 ms after a flush, AMD EPYC). The garbage collector is off while
+  timing. ``budget_s`` is the wall time per call in the group.
 - CUDA: ``triton.testing.do_bench`` (CUDA events; warm-up first) per call, or
   ``torch.cuda.Event`` timing when triton is missing; ``time_cuda_graph`` replays a captured graph
   for decode shapes (M <= 16), where launch latency is the cost.
@@ -272,7 +273,7 @@ def time_calls(
     calls: dict[Hashable, Callable[[], object]],
     device: torch.device,
     budget_s: float = 0.5,
-    min_rounds: int = 15,
+    min_rounds: int = 25,
     max_rounds: int = 2000,
     warmup_rounds: int = 2,
 ) -> dict[Hashable, Stats]:
