@@ -144,7 +144,7 @@ def lora_linear_fwd_ref(
     scaling: float,
     dropout_p: float,
     seed: int,
-    keep: torch.Tensor | None = None,  # [M, K] uint8, filled with the mask when given
+    keep: torch.Tensor | None = None,  # [M, K] uint8 or x's dtype, filled with the mask when given
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``y: [M, N]`` and ``S = (mask * x) A^T: [M, r]``, saved for backward in at least fp32 (the
     kernels accumulate S in fp32 and keep it so; the op promises one dtype whatever the backend).
@@ -153,8 +153,9 @@ def lora_linear_fwd_ref(
     in ``lora_linear_bwd_ref``) instead of costing a multiply of its own (the kernels keep S scaled; a
     backward always runs on the backend its forward ran on).
 
-    With dropout and ``keep`` given, the mask drawn from ``seed`` is also written into ``keep`` (one byte
-    per element), for a backward that reads it instead of drawing it again.
+    With dropout and ``keep`` given, the mask drawn from ``seed`` is also written into ``keep`` (bytes, or
+    for at most ``SMALL_MASK`` elements x's dtype), for a backward that reads it instead of drawing it
+    again.
     """
     dtype = x2.dtype
     # The base matmul first, as PEFT does: on a CPU a decode-sized matmul runs up to 1.7x slower right
@@ -194,7 +195,7 @@ def lora_linear_bwd_ref(
     needs_db: bool,
     needs_da: bool,
     needs_dbB: bool,
-    keep: torch.Tensor | None = None,  # [M, K] uint8, the forward's mask, else drawn again from the seed
+    keep: torch.Tensor | None = None,  # [M, K], the forward's mask (as filled there), else drawn again
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients ``(dx, dW, db, dA, dB)``, each None when not needed.
 

@@ -68,20 +68,19 @@ def _draw_seed_int(x: torch.Tensor) -> int:
     return buf.random_(0, _SEED_HIGH).item()
 
 
-def _run_forward(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, kernels, keep=None):
-    """``(y [M, N], S)`` on ``kernels`` (None: the reference, which also fills ``keep`` when given) with
-    the dropout seed ``seed`` (a tensor for the kernels, an int for the reference)."""
+def _run_forward(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, kernels):
+    """``(y [M, N], S)`` on ``kernels`` (None: the reference) with the dropout seed ``seed`` (a tensor for
+    the kernels, an int for the reference)."""
     if kernels is None:
-        return reference.lora_linear_fwd_ref(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, keep)
+        return reference.lora_linear_fwd_ref(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     return kernels.lora_linear_fwd(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
 
-def _run_backward(dy2, x2, weight, lora_A, lora_B, s, seed, scaling, dropout_p, needs, kernels, keep=None):
-    """``(dx, dW, db, dA, dB)`` of ``[M, ...]`` tensors, None where ``needs`` says a gradient is not wanted;
-    ``keep``: the forward's dropout mask as bytes (reference only), else the mask is drawn again from
-    ``seed`` (a tensor for the kernels, an int for the reference)."""
+def _run_backward(dy2, x2, weight, lora_A, lora_B, s, seed, scaling, dropout_p, needs, kernels):
+    """``(dx, dW, db, dA, dB)`` of ``[M, ...]`` tensors, None where ``needs`` says a gradient is not wanted,
+    the dropout mask drawn again from ``seed`` (a tensor for the kernels, an int for the reference)."""
     if kernels is None:
-        return reference.lora_linear_bwd_ref(dy2, x2, weight, lora_A, lora_B, s, scaling, dropout_p, seed, *needs, keep)
+        return reference.lora_linear_bwd_ref(dy2, x2, weight, lora_A, lora_B, s, scaling, dropout_p, seed, *needs)
     return kernels.lora_linear_bwd(dy2, x2, weight, lora_A, lora_B, s, seed, scaling, dropout_p, *needs)
 
 
@@ -149,9 +148,9 @@ def _(dy, x, weight, lora_A, lora_B, s, seed, scaling, dropout_p, needs, use_ker
     return [x.new_empty(shape, dtype=dt) if need else x.new_empty(0) for need, shape, dt in zip(needs, shapes, dtypes)]
 
 
-def _save(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, s, seed_or_keep, kernels) -> None:
-    """Saved: x (alive anyway as the layer input), S [M, r], and the seed or (eager reference) the mask bytes."""
-    ctx.save_for_backward(x, weight, lora_A, lora_B, s, seed_or_keep)
+def _save(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, s, seed, kernels) -> None:
+    """The registered op's: x (alive anyway as the layer input), S [M, r] and the dropout seed."""
+    ctx.save_for_backward(x, weight, lora_A, lora_B, s, seed)
     ctx.scaling, ctx.dropout_p, ctx.kernels = scaling, dropout_p, kernels
     ctx.bias_dtype = None if bias is None else bias.dtype
 
@@ -215,9 +214,12 @@ class _LoraLinearFunction(torch.autograd.Function):
         """With the frozen-or-not weight W, S = dropout(x) A^T saved by the forward and G = dY B:
 
             dB = scaling * dY^T S                       [N, r]
-            dA = scaling * G^T dropout(x)               [r, K]   (mask from its bytes, or drawn again)
+            dA = scaling * G^T dropout(x)               [r, K]   (the mask kept, or drawn again)
             dx = dY W + scaling * mask/(1-p) * (G A)    [M, K]
             dW = dY^T x,  db = sum_M dY                 (only when they require grad)
+
+        (The reference keeps S without dropout's 1/(1-p) and puts it into the scale: see
+        ``reference.lora_linear_fwd_ref``.)
         """
         nx, nw, nb, na, nbB = ctx.needs_input_grad[:5]
         nb = nb and ctx.bias_dtype is not None
