@@ -30,7 +30,7 @@ import threading
 import torch
 
 from fastlora import reference
-from fastlora.ops.dispatch import get_backend, resolve_backend, serving_kernels
+from fastlora.ops.dispatch import resolve_backend, serving_kernels
 
 __all__ = ["lora_linear"]
 
@@ -148,9 +148,10 @@ def _(dy, x, weight, lora_A, lora_B, s, seed, scaling, dropout_p, needs, use_ker
     return [x.new_empty(shape, dtype=dt) if need else x.new_empty(0) for need, shape, dt in zip(needs, shapes, dtypes)]
 
 
-def _save(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, s, seed, kernels) -> None:
-    """The registered op's: x (alive anyway as the layer input), S [M, r] and the dropout seed."""
-    ctx.save_for_backward(x, weight, lora_A, lora_B, s, seed)
+def _save(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, s, seed_or_mask, kernels) -> None:
+    """Saved: x (alive anyway as the layer input), S [M, r], and the dropout seed (kernels, registered op)
+    or the mask the eager reference drew."""
+    ctx.save_for_backward(x, weight, lora_A, lora_B, s, seed_or_mask)
     ctx.scaling, ctx.dropout_p, ctx.kernels = scaling, dropout_p, kernels
     ctx.bias_dtype = None if bias is None else bias.dtype
 
@@ -191,7 +192,7 @@ class _LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, kernels):
-        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        x2 = _rows(x)
         if kernels is None:
             mask = seed = None  # the dropout mask, which the backward reads
             if dropout_p > 0.0:
@@ -204,10 +205,8 @@ class _LoraLinearFunction(torch.autograd.Function):
         else:
             mask = _draw_seed(x) if dropout_p > 0.0 else torch.zeros((), device=x.device, dtype=torch.int64)
             y, s = kernels.lora_linear_fwd(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, mask)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, s, mask)
-        ctx.scaling, ctx.dropout_p, ctx.kernels = scaling, dropout_p, kernels
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
+        _save(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, s, mask, kernels)
+        return _unflatten(y, x)
 
     @staticmethod
     def backward(ctx, dy):
@@ -221,20 +220,18 @@ class _LoraLinearFunction(torch.autograd.Function):
         (The reference keeps S without dropout's 1/(1-p) and puts it into the scale: see
         ``reference.lora_linear_fwd_ref``.)
         """
-        nx, nw, nb, na, nbB = ctx.needs_input_grad[:5]
-        nb = nb and ctx.bias_dtype is not None
-        if not (nx or nw or nb or na or nbB):
+        needs = _needs(ctx)
+        if needs is None:
             return None, None, None, None, None, None, None, None
         x, weight, lora_A, lora_B, s, mask = ctx.saved_tensors
-        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        dy2 = dy if dy.dim() == 2 else dy.reshape(-1, dy.shape[-1])
+        x2, dy2 = _rows(x), _rows(dy)
         kernels = ctx.kernels
         if kernels is None:
             dx, dw, db, da, dbB = reference.lora_linear_bwd_ref(
-                dy2, x2, weight, lora_A, lora_B, s, ctx.scaling, ctx.dropout_p, 0, nx, nw, nb, na, nbB, mask)
-        else:
-            dx, dw, db, da, dbB = kernels.lora_linear_bwd(
-                dy2, x2, weight, lora_A, lora_B, s, mask, ctx.scaling, ctx.dropout_p, nx, nw, nb, na, nbB)
+                dy2, x2, weight, lora_A, lora_B, s, ctx.scaling, ctx.dropout_p, 0, *needs, mask)
+        else:  # mask: the seed
+            dx, dw, db, da, dbB = _run_backward(dy2, x2, weight, lora_A, lora_B, s, mask, ctx.scaling,
+                                                ctx.dropout_p, needs, kernels)
         if dx is not None and x.dim() != 2:
             dx = dx.view(x.shape)
         return dx, dw, None if db is None else db.to(ctx.bias_dtype), da, dbB, None, None, None
@@ -284,8 +281,7 @@ def lora_linear(
     p = float(dropout_p) if training else 0.0
     if torch.compiler.is_compiling():
         return _lora_linear_op(x, weight, bias, lora_A, lora_B, scaling, p)[0]
-    # On CPU only FASTLORA_BACKEND=triton asks for the kernels: the common case skips the dispatch module.
-    kernels = None if device_type == "cpu" and get_backend() != "triton" else _kernels_for(x, weight, bias, lora_A, lora_B, p)
+    kernels = _kernels_for(x, weight, bias, lora_A, lora_B, p)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_A.requires_grad
                                     or lora_B.requires_grad or (bias is not None and bias.requires_grad)):
         return _apply(x, weight, bias, lora_A, lora_B, scaling, p, kernels)
