@@ -7,12 +7,13 @@ Conventions (PEFT's): ``lora_A: [r, in]``, ``lora_B: [out, r]``, inverted dropou
 Everything here runs in the input's dtype (matmuls accumulate in fp32 internally); adapter weights
 kept in fp32 are cast down to the input dtype, never the input up: the input is the large tensor.
 
-Dropout masks are a function of ``(seed, shape, p)`` on every device, so a backward can draw one again
-from its seed (the eager op instead hands the backward the mask it drew, see
-``fastlora.ops.lora_linear``). Up to ``SMALL_MASK`` elements (a few rows at decode sizes) the mask is
+Dropout masks (``fill_keep``) are a function of ``(seed, shape, p)`` on every device, so a backward can
+draw one again from its seed. Up to ``SMALL_MASK`` elements (a few rows at decode sizes) such a mask is
 torch's ``bernoulli_`` on a CPU generator seeded with the seed: one call, where the cost of a call is
 what counts (that mask follows torch's CPU generator, which on Intel CPUs runs through MKL: it is the
-same on every run of a machine, not across CPU vendors). Larger masks come from a stream: numpy's SFC64
+same on every run of a machine, not across CPU vendors). The LoRA op draws its small masks without a
+seed (``small_keep``: what ``F.dropout`` draws, and it keeps them for its backward: see
+``fastlora.ops.lora_linear``). Larger masks come from a stream: numpy's SFC64
 generator, its state set from the seed, draws 64-bit words block by block of ``MASK_ROWS`` rows, in
 order. Each element takes one 16-bit lane of a word and is kept when its lane is at or above a
 threshold: p is rounded to a multiple of 2^-16 (at most 7.6e-6 off). SFC64 passes BigCrush and
@@ -32,15 +33,19 @@ import torch
 
 __all__ = [
     "MASK_ROWS",
+    "SMALL_MASK",
     "dropout_mask",
     "fill_keep",
+    "small_keep",
     "lora_linear_ref",
     "lora_linear_fwd_ref",
     "lora_linear_bwd_ref",
 ]
 
 MASK_ROWS = 128
-SMALL_MASK = 8192
+# bernoulli_ costs about 9 us per 1024 elements, SFC64 about 35 us at any small size (right after a
+# 1024 x 1024 matmul, 2-core EPYC): they cross near 4096 elements.
+SMALL_MASK = 4096
 _LANES = 2**16
 _streams = threading.local()
 
@@ -105,6 +110,14 @@ def _fill_keep_small(out: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     return out.copy_(torch.empty(out.shape, dtype=torch.uint8).bernoulli_(1.0 - p, generator=gen))
 
 
+def small_keep(x2: torch.Tensor, p: float) -> torch.Tensor:
+    """The keep-mask for ``x2`` (at most ``SMALL_MASK`` elements) in x's dtype, drawn from torch's generator on
+    x's device as ``F.dropout`` draws its noise (``bernoulli_`` on a tensor like x): after the same
+    ``torch.manual_seed``, the same mask as PEFT's dropout of the same input. No seed: one call, where a call
+    costs more than the mask; whoever draws it keeps it for the backward."""
+    return torch.bernoulli(x2, 1.0 - p)
+
+
 def dropout_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -> torch.Tensor:
     """The whole keep-mask for ``shape`` (rows: every dim but the last), a function of ``(shape, p, seed)``."""
     shape = torch.Size(shape)
@@ -144,7 +157,7 @@ def lora_linear_fwd_ref(
     scaling: float,
     dropout_p: float,
     seed: int,
-    keep: torch.Tensor | None = None,  # [M, K] uint8 or x's dtype, filled with the mask when given
+    keep: torch.Tensor | None = None,  # [M, K] the mask already drawn (bytes, bool or x's dtype), else from seed
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``y: [M, N]`` and ``S = (mask * x) A^T: [M, r]``, saved for backward in at least fp32 (the
     kernels accumulate S in fp32 and keep it so; the op promises one dtype whatever the backend).
@@ -153,9 +166,8 @@ def lora_linear_fwd_ref(
     in ``lora_linear_bwd_ref``) instead of costing a multiply of its own (the kernels keep S scaled; a
     backward always runs on the backend its forward ran on).
 
-    With dropout and ``keep`` given, the mask drawn from ``seed`` is also written into ``keep`` (bytes, or
-    x's dtype, which is then multiplied in as it is), for a backward that reads it instead of drawing it
-    again.
+    With dropout the mask is ``keep`` when given (a mask in x's dtype is multiplied in as it is), else drawn
+    from ``seed`` into a temporary.
     """
     dtype = x2.dtype
     # The base matmul first, as PEFT does: on a CPU a decode-sized matmul runs up to 1.7x slower right
@@ -166,8 +178,6 @@ def lora_linear_fwd_ref(
     if dropout_p == 0.0:
         s = torch.mm(x2, a_t)  # [M, K] @ [K, r] -> [M, r]
     else:
-        if keep is not None:
-            fill_keep(keep, dropout_p, seed)
         # The dropped copy of x lives only until S is computed (PEFT's stays alive for the backward).
         if keep is not None and keep.dtype == dtype:  # a mask in x's dtype is used as it is
             dropped = x2 * keep
@@ -195,7 +205,7 @@ def lora_linear_bwd_ref(
     needs_db: bool,
     needs_da: bool,
     needs_dbB: bool,
-    keep: torch.Tensor | None = None,  # [M, K], the forward's mask (as filled there), else drawn again
+    keep: torch.Tensor | None = None,  # [M, K], the forward's mask, else drawn again from seed
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients ``(dx, dW, db, dA, dB)``, each None when not needed.
 
@@ -269,12 +279,15 @@ def lora_linear_ref(
     dropout_p: float = 0.0,
     training: bool = False,
     seed: int = 0,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Differentiable reference built from plain PyTorch ops (autograd does the backward): the oracle."""
+    """Differentiable reference built from plain PyTorch ops (autograd does the backward): the oracle. Its
+    dropout mask: ``keep`` (shaped like x, or ``[M, in]``) when given, else ``dropout_mask`` of ``seed``."""
     dtype = x.dtype
     xd = x
     if training and dropout_p > 0.0:
-        keep = dropout_mask(x.reshape(-1, x.shape[-1]).shape, dropout_p, seed, x.device).reshape(x.shape)
-        xd = x * keep / (1.0 - dropout_p)
+        if keep is None:
+            keep = dropout_mask(x.reshape(-1, x.shape[-1]).shape, dropout_p, seed, x.device)
+        xd = x * keep.reshape(x.shape).to(dtype) / (1.0 - dropout_p)
     base = torch.nn.functional.linear(x, weight, None if bias is None else bias.to(dtype))
     return base + scaling * ((xd @ lora_A.to(dtype).t()) @ lora_B.to(dtype).t())

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import fastlora
+from fastlora.reference import SMALL_MASK
 
 # fp32 everywhere: the two libraries order the same fp32 operations differently (fastlora adds the
 # scaled update in place), so results agree to rounding, not bit for bit.
@@ -109,6 +110,36 @@ def test_identical_gradients_for_identical_weights(case, parity):
         torch.manual_seed(0)  # the same dropout masks in the base model (GPT-2, BERT, T5 have dropout)
         model(**batch).logits.float().pow(2).mean().backward()
     parity.assert_same_grads(fl_model, pf_model)
+
+
+def test_lora_dropout_draws_the_masks_peft_draws(case, parity):
+    """With lora_dropout and the same torch seed, training gives PEFT's outputs and gradients: for a few
+    rows (at most SMALL_MASK elements of a layer's input, as in every layer here) fastlora draws each
+    mask as PEFT's ``nn.Dropout`` does, from torch's generator, in the same order."""
+    batch = parity.batch(case["base"])
+    widest = max(m.in_features for m in case["base"].modules() if isinstance(m, torch.nn.Linear))
+    assert batch["input_ids"].numel() * max(widest, 4 * case["base"].config.hidden_size) <= SMALL_MASK
+    fl_model, pf_model = _pair(parity, case, lora_dropout=0.3)
+    outs = []
+    for model in (fl_model, pf_model):
+        model.train()
+        torch.manual_seed(0)
+        out = model(**batch).logits.float()
+        out.pow(2).mean().backward()
+        outs.append(out.detach())
+    torch.testing.assert_close(outs[0], outs[1], **TOL)
+    theirs = dict(pf_model.named_parameters())
+    for name, param in fl_model.named_parameters():
+        if param.requires_grad:  # to fp32 rounding of the largest entry (T5's unscaled attention: ~1e-5 of it)
+            scale = param.grad.abs().max().item()
+            torch.testing.assert_close(param.grad, theirs[name].grad, rtol=0, atol=1e-4 * scale, msg=name)
+    # The LoRA masks matter here: without them (same seed, so the same base-model dropout) the output moves.
+    for module in fl_model.modules():
+        if isinstance(module, fastlora.LoraLinear):
+            module.lora_dropout["default"].p = 0.0
+    torch.manual_seed(0)
+    with torch.no_grad():
+        assert not torch.allclose(fl_model(**batch).logits.float(), outs[0], **TOL)
 
 
 def test_fastlora_checkpoint_loads_in_peft(case, tmp_path, parity):

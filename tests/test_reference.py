@@ -43,7 +43,7 @@ def test_dropout_mask_is_a_function_of_the_seed(shape):
     assert not torch.equal(m1, m3)
 
 
-@pytest.mark.parametrize("n", [8000, 200_000], ids=["small", "large"])
+@pytest.mark.parametrize("n", [4000, 200_000], ids=["small", "large"])
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_dropout_mask_keeps_about_one_minus_p(p, n):
     kept = dropout_mask(torch.Size([n]), p, 7, torch.device("cpu")).float().mean().item()

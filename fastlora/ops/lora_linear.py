@@ -12,15 +12,20 @@ with no Python in the backward, keep more memory than PEFT in the backward: auto
 scales its [M, r] and [r, N] gradients into new tensors, 1.45x PEFT's peak at one row, 1024 -> 2816,
 r 64.) Under ``torch.compile`` the registered op is what gets traced.
 
-Dropout on the reference: the mask is a function of a seed drawn from torch's generator (so
-``torch.manual_seed`` reproduces a run). The registered op saves the seed and its backward draws the
-mask again, as the kernels do. The eager ``Function`` keeps the mask instead, as one byte per element,
-or for at most ``reference.SMALL_MASK`` elements in x's dtype (there each multiply by a byte mask
-converts it first, a large part of a decode-sized call): on a CPU, drawing it again costs about what
-PEFT's backward spends scaling and adding [M, N] and [M, K] tensors that ours does not (measured on a
-2-core Xeon, 256 rows, 1024 -> 1024, r 8, the backward alone: 1.15x PEFT's time with the redraw, 1.01x
-with the bytes), and a byte per element is an eighth of what PEFT keeps (a dropped copy of x and its
-fp32 mask; the few-rows mask in x's dtype, half).
+Dropout on the reference, reproducible with ``torch.manual_seed`` on every path:
+- a few rows (at most ``reference.SMALL_MASK`` elements of x): the mask is drawn straight from torch's
+  generator in x's dtype (``reference.small_keep``, what ``F.dropout`` draws: the same mask as PEFT's
+  after the same seed) and kept for the backward, by the registered op (an output of its own) and the
+  eager ``Function`` alike. A seed, a seeded generator and a byte mask cost more than the whole update
+  there (one row, 1024 -> 1024, r 8, forward with grad on a 2-core EPYC: 1.03x PEFT's time with them,
+  0.92x without);
+- more rows: the mask is a function of a seed drawn from torch's generator. The registered op saves the
+  seed and its backward draws the mask again, as the kernels do. The eager ``Function`` keeps the mask
+  as one byte per element instead: on a CPU, drawing it again costs about what PEFT's backward spends
+  scaling and adding [M, N] and [M, K] tensors that ours does not (2-core Xeon, 256 rows, 1024 -> 1024,
+  r 8, the backward alone: 1.15x PEFT's time with the redraw, 1.01x with the bytes), and a byte per
+  element is an eighth of what PEFT keeps (a dropped copy of x and its fp32 mask; the few-rows mask in
+  x's dtype, half).
 """
 
 from __future__ import annotations
@@ -68,20 +73,31 @@ def _draw_seed_int(x: torch.Tensor) -> int:
     return buf.random_(0, _SEED_HIGH).item()
 
 
-def _run_forward(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, kernels):
+def _small_mask(x2: torch.Tensor, dropout_p: float, kernels) -> torch.Tensor | None:
+    """The mask a reference call of a few rows draws from torch's generator and keeps (see the module
+    docstring); None where the mask comes from a seed."""
+    if kernels is None and dropout_p > 0.0 and x2.numel() <= reference.SMALL_MASK:
+        return reference.small_keep(x2, dropout_p)
+    return None
+
+
+def _run_forward(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, kernels, keep=None):
     """``(y [M, N], S)`` on ``kernels`` (None: the reference) with the dropout seed ``seed`` (a tensor for
-    the kernels, an int for the reference)."""
+    the kernels, an int for the reference) or, on the reference, the mask ``keep`` already drawn."""
     if kernels is None:
-        return reference.lora_linear_fwd_ref(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+        return reference.lora_linear_fwd_ref(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, keep)
     return kernels.lora_linear_fwd(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
 
-def _run_backward(dy2, x2, weight, lora_A, lora_B, s, seed, scaling, dropout_p, needs, kernels):
-    """``(dx, dW, db, dA, dB)`` of ``[M, ...]`` tensors, None where ``needs`` says a gradient is not wanted,
-    the dropout mask drawn again from ``seed`` (a tensor for the kernels, an int for the reference)."""
-    if kernels is None:
-        return reference.lora_linear_bwd_ref(dy2, x2, weight, lora_A, lora_B, s, scaling, dropout_p, seed, *needs)
-    return kernels.lora_linear_bwd(dy2, x2, weight, lora_A, lora_B, s, seed, scaling, dropout_p, *needs)
+def _run_backward(dy2, x2, weight, lora_A, lora_B, s, seed_or_mask, scaling, dropout_p, needs, kernels):
+    """``(dx, dW, db, dA, dB)`` of ``[M, ...]`` tensors, None where ``needs`` says a gradient is not wanted.
+    ``seed_or_mask``: the mask the forward kept ([M, K]), or the seed to draw it again from (a 0-d tensor,
+    None without dropout)."""
+    if kernels is not None:
+        return kernels.lora_linear_bwd(dy2, x2, weight, lora_A, lora_B, s, seed_or_mask, scaling, dropout_p, *needs)
+    keep = seed_or_mask if seed_or_mask is not None and seed_or_mask.dim() else None
+    seed = int(seed_or_mask) if dropout_p > 0.0 and keep is None else 0
+    return reference.lora_linear_bwd_ref(dy2, x2, weight, lora_A, lora_B, s, scaling, dropout_p, seed, *needs, keep)
 
 
 def _unflatten(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -98,13 +114,20 @@ def _forward(
     lora_B: torch.Tensor,
     scaling: float,
     dropout_p: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(y [..., N], S [M, r] in at least fp32, seed [])``; S and the seed are what the backward needs."""
-    seed = _draw_seed(x) if dropout_p > 0.0 else torch.zeros((), device=x.device, dtype=torch.int64)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(y [..., N], S [M, r] in at least fp32, seed [], mask)``, the last three what the backward
+    needs: the mask [M, K] in x's dtype where the reference drew a few rows' mask from torch's generator
+    (the seed then unused), else empty (the backward draws it again from the seed)."""
     kernels = _kernels_for(x, weight, bias, lora_A, lora_B, dropout_p)
-    y, s = _run_forward(_rows(x), weight, bias, lora_A, lora_B, scaling, dropout_p,
-                        seed if kernels is not None else int(seed) if dropout_p > 0.0 else 0, kernels)
-    return _unflatten(y, x), s, seed
+    x2 = _rows(x)
+    mask = _small_mask(x2, dropout_p, kernels)
+    if mask is None and dropout_p > 0.0:
+        seed = _draw_seed(x)
+    else:
+        seed = torch.zeros((), device=x.device, dtype=torch.int64)
+    y, s = _run_forward(x2, weight, bias, lora_A, lora_B, scaling, dropout_p,
+                        seed if kernels is not None else int(seed) if dropout_p > 0.0 else 0, kernels, mask)
+    return _unflatten(y, x), s, seed, x.new_empty(0) if mask is None else mask
 
 
 _lora_linear_op = torch.library.custom_op("fastlora::lora_linear", _forward, mutates_args=())
@@ -112,10 +135,13 @@ _lora_linear_op = torch.library.custom_op("fastlora::lora_linear", _forward, mut
 
 @_lora_linear_op.register_fake
 def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
-    m = x.numel() // x.shape[-1]
+    k = x.shape[-1]
+    m = x.numel() // k
     y = x.new_empty((*x.shape[:-1], weight.shape[0]))
     s = x.new_empty((m, lora_A.shape[0]), dtype=torch.promote_types(x.dtype, torch.float32))
-    return y, s, x.new_empty((), dtype=torch.int64)
+    small = dropout_p > 0.0 and m * k <= reference.SMALL_MASK and _kernels_for(x, weight, bias, lora_A, lora_B,
+                                                                                  dropout_p) is None
+    return y, s, x.new_empty((), dtype=torch.int64), x.new_empty((m, k) if small else (0,))
 
 
 @torch.library.custom_op("fastlora::lora_linear_backward", mutates_args=())
@@ -126,31 +152,31 @@ def _lora_linear_backward_op(
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     s: torch.Tensor,
-    seed: torch.Tensor,
+    seed_or_mask: torch.Tensor,
     scaling: float,
     dropout_p: float,
     needs: list[bool],
     use_kernels: bool,
 ) -> list[torch.Tensor]:
-    """Gradients ``[dx, dW, db, dA, dB]``; an empty tensor stands for a gradient not asked for."""
+    """Gradients ``[dx, dW, db, dA, dB]``; an empty tensor stands for a gradient not asked for.
+    ``seed_or_mask``: the forward's mask when it kept one, else its seed."""
     kernels = resolve_backend("lora_linear", x.device) if use_kernels else None
-    if kernels is None:
-        seed = int(seed) if dropout_p > 0.0 else 0
-    grads = _run_backward(_rows(dy), _rows(x), weight, lora_A, lora_B, s, seed, scaling, dropout_p, needs, kernels)
+    grads = _run_backward(_rows(dy), _rows(x), weight, lora_A, lora_B, s, seed_or_mask, scaling, dropout_p, needs,
+                          kernels)
     dx = grads[0].view(x.shape) if grads[0] is not None else None
     return [g if g is not None else x.new_empty(0) for g in (dx, *grads[1:])]
 
 
 @_lora_linear_backward_op.register_fake
-def _(dy, x, weight, lora_A, lora_B, s, seed, scaling, dropout_p, needs, use_kernels):
+def _(dy, x, weight, lora_A, lora_B, s, seed_or_mask, scaling, dropout_p, needs, use_kernels):
     shapes = (x.shape, weight.shape, weight.shape[:1], lora_A.shape, lora_B.shape)
     dtypes = (x.dtype, weight.dtype, x.dtype, lora_A.dtype, lora_B.dtype)
     return [x.new_empty(shape, dtype=dt) if need else x.new_empty(0) for need, shape, dt in zip(needs, shapes, dtypes)]
 
 
 def _save(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, s, seed_or_mask, kernels) -> None:
-    """Saved: x (alive anyway as the layer input), S [M, r], and the dropout seed (kernels, registered op)
-    or the mask the eager reference drew."""
+    """Saved: x (alive anyway as the layer input), S [M, r], and the dropout mask where the forward kept
+    one, else its seed."""
     ctx.save_for_backward(x, weight, lora_A, lora_B, s, seed_or_mask)
     ctx.scaling, ctx.dropout_p, ctx.kernels = scaling, dropout_p, kernels
     ctx.bias_dtype = None if bias is None else bias.dtype
@@ -166,17 +192,18 @@ def _needs(ctx) -> list[bool] | None:
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, scaling, dropout_p = inputs
     kernels = _kernels_for(x, weight, bias, lora_A, lora_B, dropout_p)
-    _save(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, output[1], output[2], kernels)
+    _, s, seed, mask = output
+    _save(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, s, mask if mask.numel() else seed, kernels)
 
 
-def _op_backward(ctx, dy, _ds, _dseed):
+def _op_backward(ctx, dy, _ds, _dseed, _dmask):
     """Through the registered backward op, so that torch.compile traces it (the formulas: the Function's)."""
     needs = _needs(ctx)
     if needs is None:
         return None, None, None, None, None, None, None
-    x, weight, lora_A, lora_B, s, seed = ctx.saved_tensors
-    grads = _lora_linear_backward_op(dy, x, weight, lora_A, lora_B, s, seed, ctx.scaling, ctx.dropout_p, needs,
-                                     ctx.kernels is not None)
+    x, weight, lora_A, lora_B, s, seed_or_mask = ctx.saved_tensors
+    grads = _lora_linear_backward_op(dy, x, weight, lora_A, lora_B, s, seed_or_mask, ctx.scaling, ctx.dropout_p,
+                                     needs, ctx.kernels is not None)
     dx, dw, db, da, dbB = (g if need else None for g, need in zip(grads, needs))
     return dx, dw, None if db is None else db.to(ctx.bias_dtype), da, dbB, None, None
 
@@ -194,14 +221,13 @@ class _LoraLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, kernels):
         x2 = _rows(x)
         if kernels is None:
-            mask = seed = None  # the dropout mask, which the backward reads
-            if dropout_p > 0.0:
-                seed = _draw_seed_int(x)
-                # As bytes, or for a few rows in x's dtype: there the multiplies by it are a large part
-                # of the call, and mixed-dtype ones convert as they go (at most 32 KiB).
-                small = x2.numel() <= reference.SMALL_MASK
-                mask = torch.empty(x2.shape, dtype=x.dtype if small else torch.uint8, device=x.device)
-            y, s = reference.lora_linear_fwd_ref(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, mask)
+            # The dropout mask, which the backward reads: for a few rows in x's dtype (there the multiplies
+            # by it are a large part of the call, and mixed-dtype ones convert as they go), else as bytes.
+            mask = _small_mask(x2, dropout_p, None)
+            if mask is None and dropout_p > 0.0:
+                mask = torch.empty(x2.shape, dtype=torch.uint8, device=x.device)
+                reference.fill_keep(mask, dropout_p, _draw_seed_int(x))
+            y, s = reference.lora_linear_fwd_ref(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, 0, mask)
         else:
             mask = _draw_seed(x) if dropout_p > 0.0 else torch.zeros((), device=x.device, dtype=torch.int64)
             y, s = kernels.lora_linear_fwd(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, mask)
@@ -223,15 +249,9 @@ class _LoraLinearFunction(torch.autograd.Function):
         needs = _needs(ctx)
         if needs is None:
             return None, None, None, None, None, None, None, None
-        x, weight, lora_A, lora_B, s, mask = ctx.saved_tensors
-        x2, dy2 = _rows(x), _rows(dy)
-        kernels = ctx.kernels
-        if kernels is None:
-            dx, dw, db, da, dbB = reference.lora_linear_bwd_ref(
-                dy2, x2, weight, lora_A, lora_B, s, ctx.scaling, ctx.dropout_p, 0, *needs, mask)
-        else:  # mask: the seed
-            dx, dw, db, da, dbB = _run_backward(dy2, x2, weight, lora_A, lora_B, s, mask, ctx.scaling,
-                                                ctx.dropout_p, needs, kernels)
+        x, weight, lora_A, lora_B, s, seed_or_mask = ctx.saved_tensors
+        dx, dw, db, da, dbB = _run_backward(_rows(dy), _rows(x), weight, lora_A, lora_B, s, seed_or_mask,
+                                            ctx.scaling, ctx.dropout_p, needs, ctx.kernels)
         if dx is not None and x.dim() != 2:
             dx = dx.view(x.shape)
         return dx, dw, None if db is None else db.to(ctx.bias_dtype), da, dbB, None, None, None
@@ -285,11 +305,16 @@ def lora_linear(
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_A.requires_grad
                                     or lora_B.requires_grad or (bias is not None and bias.requires_grad)):
         return _apply(x, weight, bias, lora_A, lora_B, scaling, p, kernels)
-    if kernels is None:
-        seed = _draw_seed_int(x) if p > 0.0 else 0
-    else:
+    x2 = _rows(x)
+    keep = None
+    if kernels is not None:
         seed = _draw_seed(x) if p > 0.0 else torch.zeros((), device=x.device, dtype=torch.int64)
-    return _unflatten(_run_forward(_rows(x), weight, bias, lora_A, lora_B, scaling, p, seed, kernels)[0], x)
+    elif p > 0.0:
+        keep = _small_mask(x2, p, None)
+        seed = _draw_seed_int(x) if keep is None else 0
+    else:
+        seed = 0
+    return _unflatten(_run_forward(x2, weight, bias, lora_A, lora_B, scaling, p, seed, kernels, keep)[0], x)
 
 
 def _raise_shapes(x, weight, lora_A, lora_B):

@@ -4,9 +4,10 @@ backend switching.
 
 Tolerance rule (STYLE.md, flash-attention's): against an fp64 "gold" computed from the same values, the
 op's max error may be at most twice the error of the oracle run by PyTorch in the op's dtype, plus a
-small per-dtype atol. The dropout seed: the op draws it with ``torch.randint(0, _SEED_HIGH, ())`` from
-torch's generator on the input's device, so after ``torch.manual_seed(s)`` the same draw tells the
-oracle which seed (hence which mask) the op used.
+small per-dtype atol. The dropout mask: for a few rows (at most ``SMALL_MASK`` elements) the op draws
+it straight from torch's generator as ``F.dropout`` does; for more, it draws a seed with
+``torch.randint(0, _SEED_HIGH, ())`` there and the mask from that. After ``torch.manual_seed(s)`` the
+same draws tell the oracle which mask the op used (``_op_mask``).
 """
 
 from __future__ import annotations
@@ -21,16 +22,26 @@ import torch.nn.functional as F
 import fastlora
 from fastlora.ops import dispatch, lora_linear
 from fastlora.ops.lora_linear import _SEED_HIGH
-from fastlora.reference import SMALL_MASK, lora_linear_ref
+from fastlora.reference import SMALL_MASK, dropout_mask, lora_linear_ref
 
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def _op_seed(seed: int) -> int:
-    """The dropout seed the op will draw after ``torch.manual_seed(seed)`` on CPU."""
+    """The dropout seed the op will draw after ``torch.manual_seed(seed)`` on CPU (for more than SMALL_MASK
+    elements of x)."""
     torch.manual_seed(seed)
     return int(torch.randint(0, _SEED_HIGH, (), dtype=torch.int64))
+
+
+def _op_mask(seed: int, x: torch.Tensor, p: float) -> torch.Tensor:
+    """The keep-mask ``[M, K]`` the op draws for x after ``torch.manual_seed(seed)`` on CPU."""
+    shape = (x.numel() // x.shape[-1], x.shape[-1])
+    if x.numel() <= SMALL_MASK:
+        torch.manual_seed(seed)
+        return torch.empty(shape, dtype=x.dtype).bernoulli_(1.0 - p)  # as F.dropout draws its noise
+    return dropout_mask(torch.Size(shape), p, _op_seed(seed), x.device)
 
 
 def _make(lead=(16,), k=32, n=24, r=4, dtype=torch.float32, adapter_dtype=None, bias=True, transposed=False,
@@ -81,12 +92,12 @@ def _check_against_oracle(leaves, transposed, dtype, scaling=0.75, p=0.0, traini
     """Op vs fp64 gold, with twice PyTorch's own error (oracle in ``dtype``) plus atol as the bound."""
     y_shape = (*leaves[0].shape[:-1], (leaves[1].shape[0] if not transposed else leaves[1].shape[1]))
     dy = torch.randn(y_shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
-    op_seed = _op_seed(seed)
+    keep = _op_mask(seed, leaves[0], p) if p > 0.0 else None
 
-    torch.manual_seed(seed)  # the op draws its dropout seed from here
+    torch.manual_seed(seed)  # the op draws its dropout mask (or the mask's seed) from here
     y, grads = _run(lora_linear, _clone(leaves), transposed, dy,
                     scaling=scaling, dropout_p=p, training=training)
-    oracle = dict(scaling=scaling, dropout_p=p, training=training, seed=op_seed)
+    oracle = dict(scaling=scaling, dropout_p=p, training=training, keep=keep)
     y_gold, g_gold = _run(lora_linear_ref, _clone(leaves, torch.float64), transposed, dy.double(), **oracle)
     y_torch, g_torch = _run(lora_linear_ref, _clone(leaves), transposed, dy, **oracle)
 
@@ -111,16 +122,23 @@ def test_registered_with_torch_library():
     assert hasattr(torch.ops.fastlora, "lora_linear")
     assert fastlora.lora_linear is lora_linear
     x, w, b, a, bb = _make()
-    y, s, seed = torch.ops.fastlora.lora_linear(x, w, b, a, bb, 0.5, 0.0)
-    assert y.shape == (16, 24) and s.shape == (16, 4) and seed.dtype == torch.int64
+    y, s, seed, mask = torch.ops.fastlora.lora_linear(x, w, b, a, bb, 0.5, 0.0)
+    assert y.shape == (16, 24) and s.shape == (16, 4) and seed.dtype == torch.int64 and mask.numel() == 0
+    # with dropout: a few rows' mask is an output (the backward reads it), more rows' a seed
+    _, _, seed, mask = torch.ops.fastlora.lora_linear(x, w, b, a, bb, 0.5, 0.3)
+    assert mask.shape == (16, 32) and mask.dtype == x.dtype and set(mask.unique().tolist()) == {0.0, 1.0}
+    big = torch.randn(200, 32)
+    _, _, seed, mask = torch.ops.fastlora.lora_linear(big, w, b, a, bb, 0.5, 0.3)
+    assert big.numel() > SMALL_MASK and mask.numel() == 0 and seed.dim() == 0
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("p", [0.0, 0.3], ids=["p0", "p0.3"])
-@pytest.mark.parametrize("lead", [(6,), (2, 3)], ids=["2d", "3d"])
+@pytest.mark.parametrize("lead", [(6,), (2, 3), (2, 150)], ids=["2d", "3d", "3d-seeded-mask"])
 def test_opcheck_forward(bias, p, lead):
     # opcheck seeds torch's generator identically before each run it compares, and the op draws its
-    # dropout seed from that generator, so dropout > 0 is checked too (test_aot_dispatch_dynamic included).
+    # dropout mask (or the mask's seed) from that generator, so dropout > 0 is checked too
+    # (test_aot_dispatch_dynamic included).
     x, w, b, a, bb = _make(lead=lead, k=16, n=12, r=4, bias=bias)
     torch.library.opcheck(torch.ops.fastlora.lora_linear.default, (x, w, b, a, bb, 0.5, p))
 
@@ -128,11 +146,15 @@ def test_opcheck_forward(bias, p, lead):
 @pytest.mark.parametrize("needs", [[True, False, True, True, True], [False, True, False, True, False]],
                          ids=["dx-db-dA-dB", "dW-dA"])
 @pytest.mark.parametrize("p", [0.0, 0.3], ids=["p0", "p0.3"])
-def test_opcheck_backward(needs, p):
-    x, w, b, a, bb = (t.detach() for t in _make(k=16, n=12, r=4))
-    y, s, seed = torch.ops.fastlora.lora_linear(x, w, b, a, bb, 0.5, p)
+@pytest.mark.parametrize("m", [16, 300], ids=["kept-mask", "seeded-mask"])
+def test_opcheck_backward(needs, p, m):
+    x, w, b, a, bb = (t.detach() for t in _make(lead=(m,), k=16, n=12, r=4))
+    y, s, seed, mask = torch.ops.fastlora.lora_linear(x, w, b, a, bb, 0.5, p)
+    assert (mask.numel() > 0) == (p > 0.0 and m == 16)
     dy = torch.randn_like(y)
-    torch.library.opcheck(torch.ops.fastlora.lora_linear_backward.default, (dy, x, w, a, bb, s, seed, 0.5, p, needs, False))
+    seed_or_mask = mask if mask.numel() else seed
+    torch.library.opcheck(torch.ops.fastlora.lora_linear_backward.default,
+                          (dy, x, w, a, bb, s, seed_or_mask, 0.5, p, needs, False))
 
 
 # ---- numerics against the oracle --------------------------------------------------------------------------
@@ -312,20 +334,20 @@ def test_backward_uses_the_forward_mask():
 def test_backward_mask_matches_oracle_with_the_same_seed():
     x, w, b, a, bb = _make(lead=(64,), k=40, n=24, r=6)
     dy = torch.randn(64, 24)
-    seed = _op_seed(42)
+    keep = _op_mask(42, x, 0.5)
     torch.manual_seed(42)
     y = lora_linear(x, w, b, a, bb, 2.0, 0.5, training=True)
     y.backward(dy)
     got = [t.grad.clone() for t in (x, a, bb)]
     for t in (x, a, bb, b):
         t.grad = None
-    y_ref = lora_linear_ref(x, w, b, a, bb, 2.0, 0.5, training=True, seed=seed)
+    y_ref = lora_linear_ref(x, w, b, a, bb, 2.0, 0.5, training=True, keep=keep)
     y_ref.backward(dy)
     torch.testing.assert_close(y, y_ref)
     for g, t in zip(got, (x, a, bb)):
         torch.testing.assert_close(g, t.grad)
     # and a different seed would not have matched: the comparison is sensitive to the mask
-    other = lora_linear_ref(x, w, b, a, bb, 2.0, 0.5, training=True, seed=seed + 1)
+    other = lora_linear_ref(x, w, b, a, bb, 2.0, 0.5, training=True, keep=_op_mask(43, x, 0.5))
     assert not torch.allclose(y, other)
 
 
@@ -362,12 +384,16 @@ def test_eager_reference_saves_x_and_at_most_a_byte_mask(p):
     y.sum().backward()  # and what was saved suffices
 
 
+@pytest.mark.parametrize("registered", [False, True], ids=["eager", "registered"])
 @pytest.mark.parametrize("p", [0.0, 0.3], ids=["nodrop", "drop0.3"])
-def test_a_few_rows_save_one_mask_in_the_input_dtype(p):
+def test_a_few_rows_save_one_mask_in_the_input_dtype(p, registered):
     # Decode sizes (at most SMALL_MASK elements): the mask in x's dtype, where multiplying by it is a large
     # part of the call; one x-sized tensor beside x, where PEFT keeps two (a dropped copy of x, its mask).
     x, w, b, a, bb = _make(lead=(1, 4), k=48, n=40, r=8)
-    y, saved = _saved_tensors(lambda: lora_linear(x, w, b, a, bb, 0.5, p, training=True))
+    if registered:
+        y, saved = _saved_tensors(lambda: torch.ops.fastlora.lora_linear(x, w, b, a, bb, 0.5, p)[0])
+    else:
+        y, saved = _saved_tensors(lambda: lora_linear(x, w, b, a, bb, 0.5, p, training=True))
     x_sized = [t for t in _beyond_x(saved, x) if t.numel() == x.numel()]  # the weights are larger here
     assert [t.dtype for t in x_sized] == ([] if p == 0.0 else [x.dtype])
     y.sum().backward()
@@ -375,9 +401,11 @@ def test_a_few_rows_save_one_mask_in_the_input_dtype(p):
 
 @pytest.mark.parametrize("p", [0.0, 0.3], ids=["nodrop", "drop0.3"])
 def test_registered_op_saves_nothing_x_sized_but_x(p):
-    # What torch.compile traces keeps the seed and draws the mask again in its backward.
+    # What torch.compile traces keeps the seed of a mask over SMALL_MASK elements and draws the mask again
+    # in its backward.
     x, w, b, a, bb = _make(lead=(4, 32), k=48, n=40, r=8)
-    (y, _, _), saved = _saved_tensors(lambda: torch.ops.fastlora.lora_linear(x, w, b, a, bb, 0.5, p))
+    assert x.numel() > SMALL_MASK
+    (y, _, _, _), saved = _saved_tensors(lambda: torch.ops.fastlora.lora_linear(x, w, b, a, bb, 0.5, p))
     assert not [t.shape for t in _beyond_x(saved, x) if t.numel() >= x.numel()]
     assert sum(t.numel() for t in _beyond_x(saved, x)) <= w.numel() + a.numel() + bb.numel() + 128 * 8 + 1
     y.sum().backward()
@@ -547,14 +575,14 @@ def test_dropout_outside_unit_interval_raises(p, training):
 
 # ---- eager paths against the registered op --------------------------------------------------------------------
 
-@pytest.mark.parametrize("lead", [(1, 3), (3, 70), (3, 200)], ids=["3rows", "210rows", "600rows"])
+@pytest.mark.parametrize("lead", [(1, 3), (3, 60), (3, 200)], ids=["3rows", "180rows", "600rows"])
 @pytest.mark.parametrize("p", [0.0, 0.3], ids=["nodrop", "drop"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_eager_paths_match_registered_op(p, bias, lead):
     """Eager calls (an autograd.Function, which keeps the dropout mask) compute what the registered op
-    computes (which draws the mask again in its backward), gradients included, with the same dropout
-    mask for the same torch seed: small masks (bernoulli_) and large ones (SFC64, 600 rows: 12000
-    elements, five blocks of rows)."""
+    computes, gradients included, with the same dropout mask for the same torch seed: small masks
+    (drawn from torch's generator, kept by both; 180 rows: 3600 elements) and large ones (SFC64, which
+    the registered op draws again in its backward; 600 rows: 12000 elements, five blocks of rows)."""
     x, w, b, a, bb = _make(lead=lead, k=20, n=12, r=4)
     b = b if bias else None
     eager, registered = _clone((x, w, b, a, bb)), _clone((x, w, b, a, bb))
