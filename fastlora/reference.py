@@ -158,6 +158,7 @@ def lora_linear_fwd_ref(
     dropout_p: float,
     seed: int,
     keep: torch.Tensor | None = None,  # [M, K] the mask already drawn (bytes, bool or x's dtype), else from seed
+    keep_is_scratch: bool = False,  # the caller does not read keep again: x is dropped into its storage
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``y: [M, N]`` and ``S = (mask * x) A^T: [M, r]``, saved for backward in at least fp32 (the
     kernels accumulate S in fp32 and keep it so; the op promises one dtype whatever the backend).
@@ -180,7 +181,7 @@ def lora_linear_fwd_ref(
     else:
         # The dropped copy of x lives only until S is computed (PEFT's stays alive for the backward).
         if keep is not None and keep.dtype == dtype:  # a mask in x's dtype is used as it is
-            dropped = x2 * keep
+            dropped = keep.mul_(x2) if keep_is_scratch else x2 * keep
         else:
             dropped = _mask(x2, dropout_p, seed, keep).mul_(x2)  # without 1 / (1 - p): see the docstring
         s = torch.mm(dropped, a_t)

@@ -22,7 +22,10 @@ __all__ = ["BACKENDS", "get_backend", "resolve_backend", "load_kernels", "servin
 
 def get_backend() -> str:
     """The backend asked for through ``FASTLORA_BACKEND`` (read on every call, so tests can switch it)."""
-    name = os.environ.get("FASTLORA_BACKEND", "auto").strip().lower() or "auto"
+    raw = os.environ.get("FASTLORA_BACKEND")
+    if raw is None:  # the common case, on every call of every layer
+        return "auto"
+    name = raw.strip().lower() or "auto"
     if name not in BACKENDS:
         raise ValueError(f"FASTLORA_BACKEND={name!r} is not one of {', '.join(BACKENDS)}")
     return name

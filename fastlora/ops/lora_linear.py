@@ -306,15 +306,13 @@ def lora_linear(
                                     or lora_B.requires_grad or (bias is not None and bias.requires_grad)):
         return _apply(x, weight, bias, lora_A, lora_B, scaling, p, kernels)
     x2 = _rows(x)
-    keep = None
     if kernels is not None:
         seed = _draw_seed(x) if p > 0.0 else torch.zeros((), device=x.device, dtype=torch.int64)
-    elif p > 0.0:
-        keep = _small_mask(x2, p, None)
-        seed = _draw_seed_int(x) if keep is None else 0
-    else:
-        seed = 0
-    return _unflatten(_run_forward(x2, weight, bias, lora_A, lora_B, scaling, p, seed, kernels, keep)[0], x)
+        return _unflatten(kernels.lora_linear_fwd(x2, weight, bias, lora_A, lora_B, scaling, p, seed)[0], x)
+    keep = _small_mask(x2, p, None)  # no backward reads it: x is dropped into it (one x-sized buffer fewer)
+    seed = _draw_seed_int(x) if p > 0.0 and keep is None else 0
+    y, _ = reference.lora_linear_fwd_ref(x2, weight, bias, lora_A, lora_B, scaling, p, seed, keep, keep_is_scratch=True)
+    return _unflatten(y, x)
 
 
 def _raise_shapes(x, weight, lora_A, lora_B):

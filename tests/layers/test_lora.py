@@ -383,3 +383,23 @@ def test_safe_merge_catches_overflow_in_the_weight_dtype():
     with pytest.raises(ValueError, match="NaN or Inf"):
         ours.merge(safe_merge=True)
     assert torch.equal(ours.base_layer.weight, original)
+
+
+def test_forward_follows_a_parametrized_base_weight_and_reassigned_adapters():
+    # The forward reads parameters from the modules' dicts; a parametrized weight (no longer in that dict)
+    # and parameters replaced after construction must still be what it uses.
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    torch.manual_seed(0)
+    base = nn.Linear(12, 8)
+    layer = LoraLinear(base, r=4, lora_alpha=4, init_lora_weights=False)
+    x = torch.randn(3, 12)
+    parametrize.register_parametrization(base, "weight", Double())
+    layer.lora_B["default"].weight = nn.Parameter(torch.randn(8, 4))
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    want = torch.nn.functional.linear(x, base.weight, base.bias) + (x @ a.t() @ b.t())
+    torch.testing.assert_close(layer(x), want)

@@ -320,6 +320,22 @@ def test_manual_seed_reproduces_and_seeds_differ():
     assert not torch.equal(y3, y4)
 
 
+@pytest.mark.parametrize("lead", [(2, 5), (4, 100)], ids=["kept-mask", "seeded-mask"])
+def test_no_grad_dropout_matches_the_grad_path_and_leaves_x_alone(lead):
+    # Without grad the small mask is scratch (x is dropped into it): same values, x untouched.
+    x, w, b, a, bb = _make(lead=lead, k=24, n=16, r=4)
+    assert (x.numel() <= SMALL_MASK) == (lead == (2, 5))
+    x_before = x.detach().clone()
+    torch.manual_seed(9)
+    y_grad = lora_linear(x, w, b, a, bb, 0.5, 0.4, training=True)
+    torch.manual_seed(9)
+    with torch.no_grad():
+        y_nograd = lora_linear(x, w, b, a, bb, 0.5, 0.4, training=True)
+    torch.testing.assert_close(y_nograd, y_grad.detach(), rtol=0, atol=0)
+    assert torch.equal(x.detach(), x_before)
+    assert not torch.allclose(y_nograd, lora_linear(x.detach(), w, b, a, bb, 0.5, 0.0))
+
+
 def test_backward_uses_the_forward_mask():
     # With W = 0: dx = mask/(1-p) * (dY B A) -- zero exactly where the forward dropped x.
     p = 0.4
