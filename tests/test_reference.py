@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from fastlora.reference import SMALL_MASK, dropout_mask, lora_linear_bwd_ref, lora_linear_fwd_ref, lora_linear_ref
+from fastlora.reference import NARROW_ROWS, SMALL_MASK, dropout_mask, lora_linear_bwd_ref, lora_linear_fwd_ref, lora_linear_ref
 
 F64 = dict(rtol=1e-10, atol=1e-10)
 
@@ -99,6 +99,39 @@ def test_fwd_bwd_ref_match_autograd(transposed, bias, p):
             assert got is None
         else:
             torch.testing.assert_close(got, leaf.grad, **F64)
+
+
+@pytest.mark.parametrize("r", [1, 2, 8, 12], ids=lambda r: f"r{r}")
+@pytest.mark.parametrize("p", [0.0, 0.3], ids=["p0", "p0.3"])
+def test_bwd_ref_narrow_ranks_match_autograd(r, p):
+    # From NARROW_ROWS rows, ranks 2 to 8 take the transposed products (see reference.NARROW_RANKS).
+    x, w, b, a, bb = _inputs(m=NARROW_ROWS + 3, k=40, n=24, r=r)
+    leaves = [t.clone().requires_grad_(True) for t in (x, a, bb)]
+    y_ref = lora_linear_ref(leaves[0], w, b, leaves[1], leaves[2], 0.75, p, training=True, seed=7)
+    dy = torch.randn_like(y_ref)
+    y_ref.backward(dy)
+    _, s = lora_linear_fwd_ref(x, w, b, a, bb, 0.75, p, 7)
+    dx, _, _, da, dbB = lora_linear_bwd_ref(dy, x, w, a, bb, s, 0.75, p, 7, True, False, False, True, True)
+    for got, leaf in zip((dx, da, dbB), leaves):
+        torch.testing.assert_close(got, leaf.grad, **F64)
+        assert got.is_contiguous()  # laid out as the parameter it is the gradient of
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_bwd_ref_narrow_rank_fp32_adapters(dtype):
+    x, w, b, a, bb = _inputs(m=NARROW_ROWS * 2, k=48, n=32, r=8, dtype=torch.float32)
+    xl, wl = x.to(dtype), w.to(dtype)
+    leaves = [t.clone().requires_grad_(True) for t in (a, bb)]
+    y_ref = lora_linear_ref(xl.float(), wl.float(), None, *leaves, 2.0)
+    dy = torch.randn_like(y_ref)
+    y_ref.backward(dy)
+    y, s = lora_linear_fwd_ref(xl, wl, None, a, bb, 2.0, 0.0, 0)
+    _, _, _, da, dbB = lora_linear_bwd_ref(dy.to(dtype), xl, wl, a, bb, s, 2.0, 0.0, 0, False, False, False, True, True)
+    assert da.dtype == dbB.dtype == torch.float32
+    for got, leaf in zip((da, dbB), leaves):  # fp16: G and the products round to 11 bits
+        scale = leaf.grad.abs().max().item()
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(got, leaf.grad, rtol=tol, atol=tol * scale)
 
 
 def test_bwd_ref_computes_only_what_is_needed():
