@@ -244,8 +244,8 @@ def lora_linear_bwd_ref(
         # the two forms cost the same or the transposed one more)
         g = torch.mm(b.t(), dy.t()).t() if narrow and dtype in _BLAS_DTYPES else torch.mm(dy, b)
     if needs_dbB:
-        s_c = s if s.dtype == dtype else (s * c).to(dtype)
-        alpha = c if s.dtype == dtype else 1.0
+        # S in x's dtype with the scale as the matmul's alpha; an fp32 S of a 16-bit x is scaled before rounding
+        s_c, alpha = (s, c) if s.dtype == dtype else ((s * c).to(dtype), 1.0)
         if narrow:  # (S^T dY)^T: [r, M] @ [M, N] -> [r, N], then laid out as B
             dbB = torch.addmm(b.t(), s_c.t(), dy, beta=0, alpha=alpha).t().contiguous()
         else:

@@ -125,7 +125,7 @@ def test_bwd_ref_narrow_rank_fp32_adapters(dtype):
     y_ref = lora_linear_ref(xl.float(), wl.float(), None, *leaves, 2.0)
     dy = torch.randn_like(y_ref)
     y_ref.backward(dy)
-    y, s = lora_linear_fwd_ref(xl, wl, None, a, bb, 2.0, 0.0, 0)
+    _, s = lora_linear_fwd_ref(xl, wl, None, a, bb, 2.0, 0.0, 0)
     _, _, _, da, dbB = lora_linear_bwd_ref(dy.to(dtype), xl, wl, a, bb, s, 2.0, 0.0, 0, False, False, False, True, True)
     assert da.dtype == dbB.dtype == torch.float32
     for got, leaf in zip((da, dbB), leaves):  # fp16: G and the products round to 11 bits
