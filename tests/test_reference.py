@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from fastlora.reference import NARROW_ROWS, SMALL_MASK, dropout_mask, lora_linear_bwd_ref, lora_linear_fwd_ref, lora_linear_ref
+from fastlora.reference import NARROW_ROWS, SMALL_MASK, TRANSPOSED_ROWS, TRANSPOSED_TILE, dropout_mask, lora_linear_bwd_ref, lora_linear_fwd_ref, lora_linear_ref
 
 F64 = dict(rtol=1e-10, atol=1e-10)
 
@@ -132,6 +132,23 @@ def test_bwd_ref_narrow_rank_fp32_adapters(dtype):
         scale = leaf.grad.abs().max().item()
         tol = 1e-5 if dtype == torch.float32 else 1e-2
         torch.testing.assert_close(got, leaf.grad, rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("m", [TRANSPOSED_ROWS[0] - 1, TRANSPOSED_ROWS[0], TRANSPOSED_TILE * 3,
+                               TRANSPOSED_ROWS[1], TRANSPOSED_ROWS[1] + TRANSPOSED_TILE], ids=lambda m: f"m{m}")
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("p", [0.0, 0.3], ids=["p0", "p0.3"])
+def test_fwd_ref_fp32_row_counts_match(m, bias, p):
+    # Whole 16-row tiles from 16 to 192 rows in fp32 take the swapped base product (reference.TRANSPOSED_ROWS);
+    # every row count gives y = the fp64 oracle's, row-major.
+    x, w, b, a, bb = _inputs(m=m, k=40, n=24, r=4, bias=bias)
+    y, s = lora_linear_fwd_ref(x.float(), w.float(), None if b is None else b.float(), a.float(), bb.float(),
+                               1.5, p, 11)
+    y_ref = lora_linear_ref(x, w, b, a, bb, 1.5, p, training=True, seed=11)
+    assert y.dtype == torch.float32 and y.is_contiguous() and y.shape == (m, 24)
+    torch.testing.assert_close(y, y_ref.float(), rtol=1e-5, atol=1e-5)
+    keep = dropout_mask(x.shape, p, 11, x.device).to(x.dtype)
+    torch.testing.assert_close(s, ((x * keep) @ a.t()).float(), rtol=1e-5, atol=1e-5)
 
 
 def test_bwd_ref_computes_only_what_is_needed():
