@@ -16,6 +16,20 @@ __all__ = ["CONFIG_NAME", "PeftType", "TaskType", "PeftConfig", "LoraConfig", "r
 
 CONFIG_NAME = "adapter_config.json"
 
+# adapter_config.json is written with its keys sorted, as PEFT writes it, except inside these dicts: the first
+# pattern that matches a module wins, so their order is part of their meaning (PEFT keeps it from 0.22 on).
+ORDERED_KEYS = frozenset({"rank_pattern", "alpha_pattern"})
+
+
+def _sorted_keys(value: Any, keep_order: bool = False) -> Any:
+    """``value`` with the keys of its dicts sorted, at every depth but inside the ``ORDERED_KEYS`` dicts."""
+    if isinstance(value, dict):
+        items = value.items() if keep_order else sorted(value.items())
+        return {key: _sorted_keys(item, key in ORDERED_KEYS) for key, item in items}
+    if isinstance(value, (list, tuple)):
+        return [_sorted_keys(item) for item in value]
+    return value
+
 
 class PeftType(str, enum.Enum):
     LORA = "LORA"
@@ -114,7 +128,7 @@ class PeftConfig:
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         os.makedirs(save_directory, exist_ok=True)
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        text = json.dumps(_sorted_keys(self.to_dict()), indent=2)
         atomic_write_text(os.path.join(save_directory, CONFIG_NAME), text)
 
     @classmethod
@@ -188,6 +202,7 @@ class LoraConfig(PeftConfig):
         "arrow_config": None,
         "kasa_config": None,
         "runtime_config": None,
+        "astra_config": None,
     }
     IGNORED_KEYS: ClassVar[frozenset[str]] = frozenset({"peft_version", "megatron_core", "qalora_group_size",
                                                          "ensure_weight_tying"})

@@ -182,7 +182,8 @@ def test_unknown_keys_are_tolerated_with_a_warning():
 @pytest.mark.parametrize(
     "key, value",
     [("use_dora", True), ("use_qalora", True), ("lora_bias", True), ("layer_replication", [[0, 2]]),
-     ("trainable_token_indices", [0, 1]), ("target_parameters", ["experts.down_proj"])],
+     ("trainable_token_indices", [0, 1]), ("target_parameters", ["experts.down_proj"]),
+     ("astra_config", {"verbose": True})],
 )
 def test_peft_only_features_raise_not_implemented(key, value):
     with pytest.raises(NotImplementedError, match=key):
@@ -243,6 +244,18 @@ def test_peft_reads_a_config_written_by_fastlora(tmp_path):
     assert isinstance(theirs, peft.LoraConfig)
     for name in _SHARED:
         assert _normalise(getattr(theirs, name)) == _normalise(getattr(ours, name)), name
+
+
+def test_pattern_order_survives_the_file(tmp_path):
+    """The first rank_pattern / alpha_pattern key that matches wins, so the file keeps their order (the
+    other keys are sorted, as PEFT writes them) and both libraries read it back in that order."""
+    patterns = dict(rank_pattern={"v_proj": 2, "layers.0.v_proj": 6}, alpha_pattern={"z_proj": 1, "a_proj": 3})
+    LoraConfig(r=4, target_modules=["v_proj"], **patterns).save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "adapter_config.json").read_text(encoding="utf-8"))
+    assert list(written) == sorted(written)
+    for config in (PeftConfig.from_pretrained(tmp_path), peft.PeftConfig.from_pretrained(str(tmp_path))):
+        for name, pattern in patterns.items():
+            assert list(getattr(config, name).items()) == list(pattern.items()), name
 
 
 def test_regex_target_modules_survive_both_ways(tmp_path):
