@@ -126,6 +126,16 @@ def tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> torch.nn.Mod
     return _seeded(lambda: auto.from_config(config), seed)
 
 
+@pytest.fixture(scope="session")
+def peft_at_least() -> Callable[[str], bool]:
+    """``peft_at_least("0.22")``: whether the installed PEFT is that release or newer. fastlora follows the
+    newest PEFT; a parity test compares with an older one only where the two PEFTs behave alike."""
+    import peft
+    from packaging.version import Version
+
+    return lambda release: Version(Version(peft.__version__).base_version) >= Version(release)
+
+
 @pytest.fixture(name="tiny_config")
 def tiny_config_fixture() -> Callable[..., transformers.PretrainedConfig]:
     return tiny_config

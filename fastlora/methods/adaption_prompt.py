@@ -178,8 +178,11 @@ class AdaptionPromptModel(nn.Module):
             raise ValueError(f"adapter {adapter_name!r} already exists")
         targets = self._targets(config)  # raises before anything changes
         hidden = self.model.config.hidden_size
-        # as in PEFT, inference_mode does not freeze the prompts (its trainable-parameter counts hold)
         wrappers = [(key, AdaptedAttention(attention, config.adapter_len, hidden)) for key, attention in targets]
+        if config.inference_mode:  # a loaded adapter without is_trainable: frozen, as in PEFT from 0.22 on
+            for _, wrapper in wrappers:
+                wrapper.adaption_prompt.requires_grad_(False)
+                wrapper.adaption_gate.requires_grad_(False)
         self.peft_config[adapter_name] = config
         self._wrappers[adapter_name] = wrappers
         for name, param in self.model.named_parameters():

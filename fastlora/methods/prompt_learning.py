@@ -206,9 +206,10 @@ class PromptLearner(nn.ModuleDict):
         except Exception:
             self._remove(adapter_name)
             raise
-        # inference_mode changes the encoder's shape (no head) but, as in PEFT, does not freeze it (PEFT's
-        # trainable-parameter counts hold for loaded adapters too); the modules_to_save copies it freezes.
+        # inference_mode (a loaded adapter without is_trainable) freezes the prompt encoder, as PEFT does
+        # from 0.22 on (0.21 left it trainable), and the adapter's modules_to_save copies.
         if config.inference_mode:
+            encoder.requires_grad_(False)
             for wrapper in self._wrappers():
                 if adapter_name in wrapper.modules_to_save:
                     wrapper.modules_to_save[adapter_name].requires_grad_(False)

@@ -78,6 +78,18 @@ def test_checkpoint_loads_both_ways(pair, direction, tmp_path):
         torch.testing.assert_close(loaded(**_batch()).logits, theirs(**_batch()).logits, **TOL)
 
 
+def test_loaded_adapter_is_frozen_unless_trainable(pair, tmp_path, peft_at_least):
+    ours, _, base = pair
+    ours.save_pretrained(tmp_path)
+    for is_trainable in (False, True):
+        loaded = fastlora.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=is_trainable)
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=is_trainable)
+        trainable, total = loaded.get_nb_trainable_parameters()
+        assert (trainable > 0) == is_trainable and total == theirs.get_nb_trainable_parameters()[1]
+        if is_trainable or peft_at_least("0.22"):  # PEFT 0.21 left a loaded adapter trainable
+            assert trainable == theirs.get_nb_trainable_parameters()[0]
+
+
 def test_zero_gate_starts_at_the_base_model(tiny_llama):
     base = tiny_llama()
     model = fastlora.get_peft_model(copy.deepcopy(base), _config(fastlora, adapter_layers=1))

@@ -176,7 +176,7 @@ def test_saved_tensors_are_peft_tensors(case):
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("direction", ["peft_to_fastlora", "fastlora_to_peft"])
-def test_checkpoint_loads_both_ways(case, direction, tmp_path):
+def test_checkpoint_loads_both_ways(case, direction, tmp_path, peft_at_least):
     ours, theirs = build_pair(case["base"], case["task_type"], case["method"])
     writer, reader = (theirs, fastlora) if direction == "peft_to_fastlora" else (ours, peft)
     writer.save_pretrained(tmp_path)
@@ -195,9 +195,31 @@ def test_checkpoint_loads_both_ways(case, direction, tmp_path):
             assert sorted(loaded_state) == sorted(written)
             for key in written:
                 torch.testing.assert_close(loaded_state[key], written[key], rtol=0, atol=0)
-    # PEFT keeps a loaded prompt trainable (even for inference); the counts agree either way
+    # Loaded without is_trainable, the prompt is frozen (PEFT from 0.22 on; 0.21 left it trainable); the
+    # parameter counts agree whichever library loads it.
     other = (peft if reader is fastlora else fastlora).PeftModel.from_pretrained(copy.deepcopy(case["base"]), tmp_path)
-    assert loaded.get_nb_trainable_parameters() == other.get_nb_trainable_parameters()
+    ours_loaded = loaded if reader is fastlora else other
+    trainable, total = ours_loaded.get_nb_trainable_parameters()
+    assert trainable == 0 and total == other.get_nb_trainable_parameters()[1] == loaded.get_nb_trainable_parameters()[1]
+    if peft_at_least("0.22"):
+        assert loaded.get_nb_trainable_parameters() == other.get_nb_trainable_parameters()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("method", list(METHODS))
+def test_a_saved_prompt_loads_frozen_unless_trainable(method, tiny_llama, tmp_path):
+    """Loaded for inference the prompt is frozen (PEFT 0.22); is_trainable=True, which PEFT refuses for
+    prompt learning, loads it for training here (test_p_tuning covers what p-tuning then trains)."""
+    base = tiny_llama()
+    ours, _ = build_pair(base, "CAUSAL_LM", method)
+    ours.save_pretrained(tmp_path)
+    frozen = fastlora.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    trainable = fastlora.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=True)
+    assert frozen.get_nb_trainable_parameters()[0] == 0
+    assert trainable.get_nb_trainable_parameters()[0] > 0
+    assert trainable.get_nb_trainable_parameters()[1] == frozen.get_nb_trainable_parameters()[1]
+    with pytest.raises(ValueError):  # PEFT's side, as the docstring says
+        peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=True)
 
 
 GENERATE_CASES = [(m, k) for m in ("llama-gqa", "gpt2") for k in ("prompt", "ptuning-mlp", "prefix", "multitask")]
