@@ -80,8 +80,11 @@ class PeftModel(nn.Module):
             raise ValueError(f"peft_type {peft_config.peft_type} is not supported by this fastlora")
 
     def _add_head_modules(self, peft_config) -> None:
+        # As PEFT 0.22: names already listed are not added twice, and the list is a new one, so a config
+        # reused for another model (cross-validation folds) is not changed.
         if self.HEAD_MODULES and hasattr(peft_config, "modules_to_save"):
-            peft_config.modules_to_save = list(peft_config.modules_to_save or []) + list(self.HEAD_MODULES)
+            listed = list(peft_config.modules_to_save or [])
+            peft_config.modules_to_save = listed + [name for name in self.HEAD_MODULES if name not in listed]
 
     def __getattr__(self, name: str):
         try:
@@ -313,12 +316,17 @@ class _EncoderTaskModel(PeftModel):
                                return_dict=return_dict, **kwargs)
 
 
+# The heads transformers' classification models put on top; DistilBERT's pre_classifier is initialized at
+# random too, so it trains and saves with the classifier (PEFT 0.22).
+CLASSIFIER_HEADS = ("classifier", "score", "pre_classifier")
+
+
 class PeftModelForSequenceClassification(_EncoderTaskModel):
-    HEAD_MODULES = ("classifier", "score")
+    HEAD_MODULES = CLASSIFIER_HEADS
 
 
 class PeftModelForTokenClassification(_EncoderTaskModel):
-    HEAD_MODULES = ("classifier", "score")
+    HEAD_MODULES = CLASSIFIER_HEADS
 
 
 class PeftModelForQuestionAnswering(_EncoderTaskModel):

@@ -99,14 +99,18 @@ def test_base_model_is_the_tuner_and_model_the_transformers_model(tiny_llama):
 
 
 @pytest.mark.parametrize("task", list(TASKS))
-def test_task_class_forward_and_parity_with_peft(task, fixtures, capsys):
+def test_task_class_forward_and_parity_with_peft(task, fixtures, capsys, peft_at_least):
     task_type, class_name, build = TASKS[task]
     base = build(fixtures).eval()
     fl_model = fastlora.get_peft_model(copy.deepcopy(base), fastlora.LoraConfig(task_type=task_type, r=4))
     pf_model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(task_type=task_type, r=4))
     assert type(fl_model) is getattr(fastlora, class_name)
     assert type(pf_model).__name__ == class_name
-    assert fl_model.modules_to_save == pf_model.modules_to_save  # heads PEFT trains for this task
+    # the heads PEFT trains for this task (0.22 added DistilBERT's pre_classifier to the classification ones)
+    if peft_at_least("0.22") or task_type not in ("SEQ_CLS", "TOKEN_CLS"):
+        assert fl_model.modules_to_save == pf_model.modules_to_save
+    else:
+        assert fl_model.modules_to_save == pf_model.modules_to_save | {"pre_classifier"}
     assert fl_model.get_nb_trainable_parameters() == pf_model.get_nb_trainable_parameters()
     fl_model.print_trainable_parameters()
     fl_text = capsys.readouterr().out
@@ -374,6 +378,33 @@ def test_unload_returns_the_base_model_with_original_weights(tiny_llama):
 
 
 # ---- modules_to_save --------------------------------------------------------------------------------------
+
+def test_distilbert_pre_classifier_trains_and_saves_with_the_classifier(tiny_config, tmp_path):
+    """DistilBERT's pre_classifier is a fresh head too: it joins modules_to_save (as in PEFT 0.22), once
+    only, however often the config is reused, and a PEFT model loads it back."""
+    torch.manual_seed(0)
+    base = transformers.DistilBertForSequenceClassification(tiny_config("distilbert", num_labels=3)).eval()
+    config = fastlora.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_lin", "v_lin"],
+                                 modules_to_save=["classifier"])
+    model = fastlora.get_peft_model(copy.deepcopy(base), config)
+    fastlora.get_peft_model(copy.deepcopy(base), config)  # a second fold, same config
+    assert config.modules_to_save == ["classifier", "score", "pre_classifier"]
+    for name in ("pre_classifier", "classifier"):
+        head = getattr(model.base_model.model, name)
+        assert isinstance(head, ModulesToSaveWrapper)
+        assert all(p.requires_grad for p in head.modules_to_save["default"].parameters())
+        with torch.no_grad():
+            head.modules_to_save["default"].weight.add_(0.5)
+    model.save_pretrained(tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as fh:
+        assert "base_model.model.pre_classifier.weight" in set(fh.keys())
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    batch = _batch(base)
+    torch.testing.assert_close(_out(theirs, batch), _out(model, batch), **TOL)
+    assert not torch.allclose(_out(base, batch), _out(model, batch))
+
 
 def test_modules_to_save_head_is_trained_saved_and_loaded_back(tiny_bert_cls, tmp_path):
     base = tiny_bert_cls().eval()
