@@ -16,8 +16,8 @@ setup(
     install_requires=["torch>=2.6", "transformers>=4.45", "safetensors>=0.4", "tqdm>=4.60", "numpy>=1.22"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["peft>=0.13,<0.22", "pytest>=7", "pytest-benchmark>=4", "accelerate>=0.30", "triton>=3.0", "bitsandbytes>=0.48"],
-        "bench": ["pytest-benchmark>=4", "peft>=0.13,<0.22", "matplotlib>=3.5"],
+        "test": ["peft>=0.21,<0.23", "pytest>=7", "pytest-benchmark>=4", "accelerate>=0.30", "triton>=3.0", "bitsandbytes>=0.48"],
+        "bench": ["pytest-benchmark>=4", "peft>=0.21,<0.23", "matplotlib>=3.5"],
     },
     entry_points={"console_scripts": ["fastlora=fastlora.cli:main"]},
 )
