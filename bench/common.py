@@ -129,14 +129,46 @@ def setup_device(name: str | None, dtype: str | None, threads: int | None) -> tu
     return device, parse_dtype(dtype) if dtype else default_dtype(device)
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown cpu"
+@dataclass(frozen=True)
+class CpuModel:
+    """The CPU's model name and, on x86, its family and model numbers and widest vector ISA: a VM may name
+    every generation "AMD EPYC", and BLAS picks its kernels (and so the timings) by generation, so results
+    from two of them must not share a name."""
+
+    name: str
+    family: str = ""
+    model: str = ""
+    isa: str = ""
+
+    @property
+    def detail(self) -> str:  # "family 26 model 2 avx512"
+        ids = f"family {self.family} model {self.model}" if self.family else ""
+        return " ".join(filter(None, [ids, self.isa]))
+
+    @property
+    def tag(self) -> str:  # "f26m2", for file names
+        return f"f{self.family}m{self.model}" if self.family else ""
+
+
+def _cpu_model(cpuinfo: str | None = None) -> CpuModel:
+    """From ``cpuinfo`` (the text of /proc/cpuinfo, read when not given)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("model name", "cpu family", "model", "flags"):
+            fields.setdefault(key, value.strip())
+        if len(fields) == 4:
+            break
+    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown cpu"
+    flags = set(fields.get("flags", "").split())
+    isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else ""
+    return CpuModel(name, fields.get("cpu family", ""), fields.get("model", ""), isa)
 
 
 def _fastlora_version() -> str:
@@ -165,8 +197,8 @@ def _triton_version() -> str:
 class Env:
     """The columns that say where and with what a row was measured."""
 
-    device: str  # e.g. "cpu AMD EPYC (2 threads)", "cuda NVIDIA H100 80GB HBM3"
-    slug: str  # for file names, e.g. "cpu_amd-epyc"
+    device: str  # e.g. "cpu AMD EPYC (family 26 model 2 avx512, 2 threads)", "cuda NVIDIA H100 80GB HBM3"
+    slug: str  # for file names, e.g. "cpu_amd-epyc-f26m2"
     torch: str
     triton: str
     fastlora: str
@@ -177,13 +209,14 @@ class Env:
                 "fastlora": self.fastlora, "date": self.date}
 
 
-def environment(device: torch.device) -> Env:
+def environment(device: torch.device, cpuinfo: str | None = None) -> Env:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         label = f"cuda {name}"
     else:
-        name = _cpu_model()
-        label = f"cpu {name} ({torch.get_num_threads()} threads)"
+        cpu = _cpu_model(cpuinfo)
+        label = f"cpu {cpu.name} ({', '.join(filter(None, [cpu.detail, f'{torch.get_num_threads()} threads']))})"
+        name = f"{cpu.name} {cpu.tag}"
     slug = f"{device.type}_" + (re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown")
     return Env(device=label, slug=slug, torch=torch.__version__, triton=_triton_version(),
                fastlora=_fastlora_version(), date=_dt.date.today().isoformat())
