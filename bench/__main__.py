@@ -94,7 +94,10 @@ def run_op(name: str, device, dtype, env, preset: str, budget: float, modes, pro
             _check_nf4_outputs(store, group, checked)
         else:
             _check_losses(calls, dtype)
-        stats = time_calls({spec: call.fn for spec, call in calls.items()}, device, budget_s=budget)
+        trade = module.trade_weights(store, group) if name == "lora_linear" else None
+        stats = time_calls({spec: call.fn for spec, call in calls.items()}, device, budget_s=budget, halfway=trade)
+        if trade is not None:
+            trade()  # each provider's own copy back
         base_spec = next(spec for spec in group if spec.provider == "base")
         for spec, call in calls.items():
             rows.append(_row(name, spec, stats[spec], measure_memory(call, device), stats[base_spec].p50_ms,

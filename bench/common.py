@@ -15,8 +15,12 @@ Timing (``time_calls``):
   as ``do_bench`` makes them on a GPU by clearing the L2) while the interpreter and the dispatcher stay
   warm, as they are in a model. Flushing every cache level before each call instead was tried and
   rejected: it makes the Python code of every layer cold too, which no model sees (PEFT's 16 x 16 LoRA
-  forward+backward: 0.07 ms warm, 0.29 ms after a flush, AMD EPYC). The garbage collector is off while
-  timing. ``budget_s`` is the wall time per call in the group.
+  forward+backward: 0.07 ms warm, 0.29 ms after a flush, AMD EPYC). Where the providers compute on
+  one weight (bench/lora_linear.py), they trade their copies halfway (``halfway``): where a copy lies
+  in memory can make every call on it faster or slower, which more rounds do not average out (full run,
+  2-core Zen 5 EPYC, one row, 1024 -> 1024: PEFT's r 8 layer took 0.239 ms against 0.27-0.28 for its
+  other ranks, so fastlora measured 1.14x of it; the same group run alone gave 0.95-0.97, four times).
+  The garbage collector is off while timing. ``budget_s`` is the wall time per call in the group.
 - CUDA: ``triton.testing.do_bench`` (CUDA events; warm-up first) per call, or
   ``torch.cuda.Event`` timing when triton is missing; ``time_cuda_graph`` replays a captured graph
   for decode shapes (M <= 16), where launch latency is the cost.
@@ -309,14 +313,17 @@ def time_calls(
     min_rounds: int = 25,
     max_rounds: int = 2000,
     warmup_rounds: int = 2,
+    halfway: Callable[[], object] | None = None,
 ) -> dict[Hashable, Stats]:
-    """p50/p20/p80 in ms of each call (see the module docstring for how, per device)."""
+    """p50/p20/p80 in ms of each call (see the module docstring for how, per device). CPU: ``halfway`` is
+    called once, after half of the rounds (to hand the providers each other's weights)."""
     if device.type == "cuda":
         return {key: _time_cuda(fn, budget_s) for key, fn in calls.items()}
-    return _time_cpu_interleaved(calls, budget_s, min_rounds, max_rounds, warmup_rounds)
+    return _time_cpu_interleaved(calls, budget_s, min_rounds, max_rounds, warmup_rounds, halfway)
 
 
-def _time_cpu_interleaved(calls, budget_s, min_rounds, max_rounds, warmup_rounds) -> dict[Hashable, Stats]:
+def _time_cpu_interleaved(calls, budget_s, min_rounds, max_rounds, warmup_rounds,
+                          halfway=None) -> dict[Hashable, Stats]:
     keys = list(calls)
     samples: dict[Hashable, list[float]] = {key: [] for key in keys}
     clock = time.perf_counter
@@ -332,7 +339,9 @@ def _time_cpu_interleaved(calls, budget_s, min_rounds, max_rounds, warmup_rounds
         rounds = max(min_rounds, min(max_rounds, int(budget_s * len(keys) / max(round_s, 1e-9))))
         order = list(keys)
         shuffle = random.Random(0).shuffle
-        for _ in range(rounds):
+        for done in range(rounds):
+            if halfway is not None and done == rounds // 2:
+                halfway()
             shuffle(order)  # no provider always runs right after the same one (see the module docstring)
             for key in order:
                 fn = calls[key]

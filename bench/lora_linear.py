@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import product
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,8 @@ from torch import nn
 
 from bench.common import MODES, Call, OneLinear, dense_linear, random_x_dy
 
-__all__ = ["OP", "PROVIDERS", "Inputs", "Spec", "build", "check_same_output", "mode_call", "specs"]
+__all__ = ["OP", "PROVIDERS", "Inputs", "Spec", "build", "check_same_output", "mode_call", "specs",
+           "trade_weights"]
 
 OP = "lora_linear"
 PROVIDERS = ("base", "peft", "fastlora")
@@ -198,6 +200,26 @@ def mode_call(mode: str, layer, x: torch.Tensor, dy: torch.Tensor, grads: list[t
 
         return Call(fn=fn, reset=reset, forward=forward, keep=keep, out_bytes=out_bytes)
     raise ValueError(f"unknown mode {mode!r}; one of {', '.join(MODES)}")
+
+
+def trade_weights(inputs: Inputs, group) -> Callable[[], None] | None:
+    """A call that swaps the base weights of each PEFT / fastlora pair in ``group`` (calling it again swaps
+    them back): the two hold equal copies, and the timing hands each provider the other's halfway (see
+    ``bench.common``). None when the group has no pair."""
+    pairs = []
+    for spec in group:
+        if spec.provider == "fastlora":
+            layers = [inputs.layer(p, spec.K, spec.N, spec.r, spec.dropout) for p in ("peft", "fastlora")]
+            pairs.append([layer.base_layer.weight for layer in layers])
+    if not pairs:
+        return None
+
+    def trade() -> None:
+        with torch.no_grad():
+            for theirs, ours in pairs:
+                theirs.data, ours.data = ours.data, theirs.data
+
+    return trade
 
 
 def check_same_output(inputs: Inputs, m: int, k: int, n: int, r: int) -> float:
