@@ -166,8 +166,8 @@ def _narrow(m: int, r: int) -> bool:
 
 # Some row counts in the forward: the base matmul x W^T computed as (W x^T)^T, then copied into a row-major
 # y. BLAS sees the same product with its two free dimensions swapped, and MKL's kernel for a short second
-# dimension is the slow one: 2-core EPYC, fp32, 16 rows, 1024 -> 2816: 1.38 ms against 0.94 with the
-# copy. The swapped form runs the rows in MKL's register tile of 16: whole tiles (16, 32, ..., 192 rows)
+# dimension is the slow one: 2-core Zen 3 EPYC, fp32, 16 rows, 1024 -> 2816: 1.38 ms against 0.94 with
+# the copy (a Zen 5 EPYC: 0.76-0.87 of the usual form at 16-64 rows on the three shapes below). The swapped form runs the rows in MKL's register tile of 16: whole tiles (16, 32, ..., 192 rows)
 # measured 0.65-0.88 of the usual form on 1024 -> 1024, 1024 -> 2816 and 2816 -> 1024, while other
 # counts swing from 0.5 to 1.5 (31 rows: 1.23-1.49). From 256 rows the copy, a transpose, eats the gain.
 # Row-major fp32 weights only: that is what was measured (a Conv1D weight's transposed view is the other
