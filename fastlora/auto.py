@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from fastlora.checkpoint import strict_mode
 from fastlora.config import PeftConfig, TaskType
 from fastlora.peft_model import (
     MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
@@ -51,9 +52,13 @@ class AutoPeftModel:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, adapter_name: str = "default",
-                        is_trainable: bool = False, config: PeftConfig | None = None, **kwargs) -> PeftModel:
-        """``kwargs`` go to the base model's ``from_pretrained`` (``torch_dtype``, ``device_map``, ...)."""
+                        is_trainable: bool = False, config: PeftConfig | None = None,
+                        strict_adapter_check: str | None = None, **kwargs) -> PeftModel:
+        """``kwargs`` go to the base model's ``from_pretrained`` (``torch_dtype``, ``device_map``, ...);
+        ``strict_adapter_check`` to ``PeftModel.from_pretrained``."""
         import transformers
+
+        strict_mode(strict_adapter_check)  # a bad value fails before the base model loads
 
         peft_config = config or PeftConfig.from_pretrained(pretrained_model_name_or_path)
         base_path = peft_config.base_model_name_or_path
@@ -73,7 +78,8 @@ class AutoPeftModel:
         base_model = auto_class.from_pretrained(base_path, revision=peft_config.revision, **kwargs)
         peft_class = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(task, cls._target_peft_class) if task else PeftModel
         return peft_class.from_pretrained(base_model, pretrained_model_name_or_path, adapter_name=adapter_name,
-                                          is_trainable=is_trainable, config=peft_config)
+                                          is_trainable=is_trainable, config=peft_config,
+                                          strict_adapter_check=strict_adapter_check)
 
 
 def _auto_peft_name(task: TaskType) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 
 import torch
 from torch import nn
@@ -26,11 +27,58 @@ __all__ = [
     "set_peft_model_state_dict",
     "save_adapter",
     "load_adapter_weights",
+    "STRICT_ADAPTER_CHECKS",
+    "AdapterKeysError",
+    "strict_mode",
 ]
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 MODULES_TO_SAVE = "modules_to_save"
+
+
+# PEFT 0.22's ``strict_adapter_check``: what loading does when checkpoint and adapter disagree on tensor
+# names. fastlora's default is "error" (PEFT's is "warn"): a partly loaded adapter computes something
+# else than the one that was saved, and says so only in a warning.
+STRICT_ADAPTER_CHECKS = ("error", "warn", "ignore")
+
+
+class AdapterKeysError(ValueError, RuntimeError):
+    """The checkpoint's tensor names do not match the adapter's. A ValueError as fastlora's load errors are,
+    and a RuntimeError as PEFT's ``strict_adapter_check="error"`` raises."""
+
+
+def strict_mode(strict_adapter_check: str | None) -> str:
+    """``strict_adapter_check`` checked (None: fastlora's default, "error"), before anything is touched."""
+    if strict_adapter_check is None:
+        return "error"
+    if strict_adapter_check not in STRICT_ADAPTER_CHECKS:
+        raise ValueError(f"strict_adapter_check must be one of {', '.join(map(repr, STRICT_ADAPTER_CHECKS))}, "
+                         f"got {strict_adapter_check!r}")
+    return strict_adapter_check
+
+
+def _report_keys(adapter_name: str, unexpected: list[str], missing: list[str], strict: str) -> None:
+    """Raise (``strict`` "error"), warn or say nothing about tensors the model has no place for and
+    adapter tensors the checkpoint lacks."""
+    if strict == "ignore" or not (unexpected or missing):
+        return
+    problems = []
+    if unexpected:
+        problems.append(f"has tensors the model has no place for (targets differ from the config?): "
+                        f"{_some(unexpected)}")
+    if missing:
+        problems.append(f"lacks {_some(missing)}")
+    message = f"adapter {adapter_name!r}: the checkpoint " + "; it ".join(problems)
+    if strict == "error":
+        raise AdapterKeysError(message + ". Nothing was loaded; strict_adapter_check='warn' loads the tensors "
+                               "that match and leaves the others as initialized")
+    warnings.warn(message + "; the tensors that match were loaded, the others keep their initial values",
+                  UserWarning, stacklevel=4)
+
+
+def _some(keys: list[str]) -> str:
+    return f"{keys[:5]}{' ...' if len(keys) > 5 else ''}"
 
 
 def adapter_folder(root: str | os.PathLike, adapter_name: str) -> str:
@@ -108,10 +156,16 @@ def _load_key(key: str, adapter_name: str, wrappers: list[str], prefix: str) -> 
 
 @torch.no_grad()
 def set_peft_model_state_dict(model: nn.Module, peft_state_dict: dict[str, torch.Tensor],
-                              adapter_name: str = "default", prefix: str = "lora_") -> None:
+                              adapter_name: str = "default", prefix: str = "lora_",
+                              strict_adapter_check: str | None = None) -> None:
     """Load saved adapter tensors into ``adapter_name``. Every key, shape and expected tensor is checked
-    first; on any mismatch nothing is loaded and the error names the module and both shapes.
+    first; on a shape mismatch nothing is loaded and the error names the module and both shapes.
+
+    Tensors the model has no place for, or adapter tensors the checkpoint lacks, follow
+    ``strict_adapter_check`` (``STRICT_ADAPTER_CHECKS``; None: "error", which loads nothing). Prompt
+    learning and adaption prompt check their own tensors, and always strictly.
     """
+    strict = strict_mode(strict_adapter_check)
     wrappers = _wrapper_prefixes(model)
     to_load = _tuner_hook(model, "adapter_state_to_load")
     if to_load is not None:
@@ -132,11 +186,7 @@ def set_peft_model_state_dict(model: nn.Module, peft_state_dict: dict[str, torch
         if not k.startswith(inner)
     }
     unexpected = sorted(saved for key, (saved, _) in mapped.items() if key not in current)
-    if unexpected:
-        raise ValueError(
-            f"adapter {adapter_name!r}: the checkpoint has tensors the model has no place for "
-            f"(targets differ from the config?): {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
-        )
+    mapped = {key: item for key, item in mapped.items() if key in current}
     for key, (saved, value) in mapped.items():
         if tuple(value.shape) != tuple(current[key].shape):
             module = key.rsplit(".", 1)[0]
@@ -151,8 +201,7 @@ def set_peft_model_state_dict(model: nn.Module, peft_state_dict: dict[str, torch
         or f".{MODULES_TO_SAVE}.{adapter_name}." in k
     ]
     missing = sorted(k for k in owned if k not in mapped)
-    if missing:
-        raise ValueError(f"adapter {adapter_name!r}: the checkpoint lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    _report_keys(adapter_name, unexpected, missing, strict)
     for key, (_, value) in mapped.items():
         current[key].copy_(value.to(current[key].dtype))
     if load_own is not None:

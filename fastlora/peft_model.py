@@ -19,6 +19,7 @@ from fastlora.checkpoint import (
     load_adapter_weights,
     save_adapter,
     set_peft_model_state_dict,
+    strict_mode,
 )
 from fastlora.config import PeftConfig, PeftType, TaskType
 from fastlora.injector import LoraModel
@@ -192,10 +193,14 @@ class PeftModel(nn.Module):
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
                         is_trainable: bool = False, config: PeftConfig | None = None,
-                        autocast_adapter_dtype: bool = True, **kwargs) -> PeftModel:
+                        autocast_adapter_dtype: bool = True, strict_adapter_check: str | None = None,
+                        **kwargs) -> PeftModel:
         """Load the adapter saved in folder ``model_id`` onto ``model``. ``is_trainable=False`` (the default)
-        loads it frozen for inference, as PEFT does.
+        loads it frozen for inference, as PEFT does. ``strict_adapter_check`` ("error", "warn" or "ignore", as
+        in PEFT 0.22): what happens when the checkpoint's tensor names do not match the adapter's; fastlora's
+        default is "error" (PEFT's is "warn"), and then nothing is loaded.
         """
+        strict_mode(strict_adapter_check)
         config = PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder")) if config is None else config
         config.inference_mode = not is_trainable
         weights = load_adapter_weights(_subfolder(model_id, kwargs))  # read (and fail) before touching the model
@@ -204,7 +209,8 @@ class PeftModel(nn.Module):
         requires_grad = {name: param.requires_grad for name, param in model.named_parameters()}
         peft_model = cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         try:
-            set_peft_model_state_dict(peft_model, weights, adapter_name, prefix=peft_model._tuner.prefix)
+            set_peft_model_state_dict(peft_model, weights, adapter_name, prefix=peft_model._tuner.prefix,
+                                      strict_adapter_check=strict_adapter_check)
         except Exception:
             peft_model._tuner.delete_adapter(adapter_name)  # puts the original modules back
             for name, param in model.named_parameters():  # and unfreezes what injection froze
@@ -215,8 +221,11 @@ class PeftModel(nn.Module):
         return peft_model
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
-                     torch_device: str | None = None, autocast_adapter_dtype: bool = True, **kwargs) -> None:
-        """Add the adapter saved in ``model_id`` under ``adapter_name``; on any error nothing changes."""
+                     torch_device: str | None = None, autocast_adapter_dtype: bool = True,
+                     strict_adapter_check: str | None = None, **kwargs) -> None:
+        """Add the adapter saved in ``model_id`` under ``adapter_name``; on any error nothing changes.
+        ``strict_adapter_check``: as in ``from_pretrained``."""
+        strict_mode(strict_adapter_check)
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or choose another name")
         config = PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder"))
@@ -226,7 +235,8 @@ class PeftModel(nn.Module):
         self._add_head_modules(config)
         self._tuner.inject_adapter(config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         try:
-            set_peft_model_state_dict(self, weights, adapter_name, prefix=self._tuner.prefix)
+            set_peft_model_state_dict(self, weights, adapter_name, prefix=self._tuner.prefix,
+                                      strict_adapter_check=strict_adapter_check)
         except Exception:
             self._tuner.delete_adapter(adapter_name)
             raise
