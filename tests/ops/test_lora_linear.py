@@ -1,6 +1,6 @@
 """``fastlora.ops.lora_linear`` (``torch.ops.fastlora.lora_linear``): registration, numerics against the
-autograd oracle ``fastlora.reference.lora_linear_ref``, dropout, memory contract, compile, autocast and
-backend switching.
+autograd oracle ``fastlora.reference.lora_linear_ref``, dropout, the memory contract and errors
+(compile, autocast and backend switching: test_lora_linear_backends.py).
 
 Tolerance rule (STYLE.md, flash-attention's): against an fp64 "gold" computed from the same values, the
 op's max error may be at most twice the error of the oracle run by PyTorch in the op's dtype, plus a
@@ -13,16 +13,15 @@ same draws tell the oracle which mask the op used (``_op_mask``).
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fastlora
-from fastlora.ops import dispatch, lora_linear
+from fastlora.ops import lora_linear
 from fastlora.ops.lora_linear import _SEED_HIGH
 from fastlora.reference import SMALL_MASK, dropout_mask, lora_linear_ref
+from lora_cases import _clone, _make
 
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -44,22 +43,6 @@ def _op_mask(seed: int, x: torch.Tensor, p: float) -> torch.Tensor:
     return dropout_mask(torch.Size(shape), p, _op_seed(seed), x.device)
 
 
-def _make(lead=(16,), k=32, n=24, r=4, dtype=torch.float32, adapter_dtype=None, bias=True, transposed=False,
-          weight_grad=False, seed=0):
-    """Leaves (x, weight_leaf, bias, A, B) and the weight as passed to the op (a ``.t()`` view when transposed)."""
-    g = torch.Generator().manual_seed(seed)
-    adapter_dtype = adapter_dtype or dtype
-    x = torch.randn(*lead, k, generator=g).to(dtype).requires_grad_(True)
-    if transposed:  # GPT-2 Conv1D: stored [in, out], handed over as a transposed view
-        w_leaf = (torch.randn(k, n, generator=g) / math.sqrt(k)).to(dtype).requires_grad_(weight_grad)
-    else:
-        w_leaf = (torch.randn(n, k, generator=g) / math.sqrt(k)).to(dtype).requires_grad_(weight_grad)
-    b = torch.randn(n, generator=g).to(dtype).requires_grad_(True) if bias else None
-    a = (torch.randn(r, k, generator=g) / math.sqrt(k)).to(adapter_dtype).requires_grad_(True)
-    bb = (torch.randn(n, r, generator=g) / math.sqrt(r)).to(adapter_dtype).requires_grad_(True)
-    return x, w_leaf, b, a, bb
-
-
 def _weight(w_leaf, transposed):
     return w_leaf.t() if transposed else w_leaf
 
@@ -71,17 +54,6 @@ def _run(fn, leaves, transposed, dy, **kw):
     y.backward(dy)
     grads = [t.grad if (t is not None and t.requires_grad) else None for t in leaves]
     return y.detach(), grads
-
-
-def _clone(leaves, dtype=None):
-    out = []
-    for t in leaves:
-        if t is None:
-            out.append(None)
-            continue
-        c = t.detach().clone() if dtype is None else t.detach().to(dtype)
-        out.append(c.requires_grad_(t.requires_grad))
-    return out
 
 
 def _max_err(got, gold):
@@ -432,134 +404,6 @@ def test_saved_tensor_probe_sees_a_materialized_mask():
     x, w, b, a, bb = _make(lead=(4, 32), k=48, n=40, r=8)
     _, saved = _saved_tensors(lambda: lora_linear_ref(x, w, b, a, bb, 0.5, 0.3, training=True, seed=1))
     assert any(t.numel() >= x.numel() and t.data_ptr() != x.data_ptr() for t in saved)
-
-
-# ---- torch.compile and autocast -------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("backend, fullgraph", [("aot_eager", True), ("inductor", False)])
-def test_torch_compile(backend, fullgraph):
-    torch._dynamo.reset()
-    x, w, b, a, bb = _make(lead=(2, 9), k=24, n=16, r=4)
-
-    def f(x, w, b, a, bb, training):
-        # the op alone: a pointwise neighbour would make inductor compile C++ (~15 s on 2 cores)
-        return lora_linear(x, w, b, a, bb, 0.5, 0.25, training=training)
-
-    compiled = torch.compile(f, backend=backend, fullgraph=fullgraph)
-    for training in (False, True):
-        leaves_c, leaves_e = _clone((x, w, b, a, bb)), _clone((x, w, b, a, bb))
-        torch.manual_seed(1)
-        y_c = compiled(*leaves_c, training)
-        torch.manual_seed(1)
-        y_e = f(*leaves_e, training)
-        torch.testing.assert_close(y_c, y_e)
-        y_c.sum().backward()
-        y_e.sum().backward()
-        for lc, le in zip(leaves_c, leaves_e):
-            if le.requires_grad:
-                torch.testing.assert_close(lc.grad, le.grad)
-
-
-def test_autocast_cpu_bf16():
-    x, w, b, a, bb = _make(lead=(3, 7), k=32, n=24, r=4)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = lora_linear(x, w, b, a, bb, 0.5)
-        base = torch.nn.functional.linear(x, w, b)
-    assert y.dtype == base.dtype == torch.bfloat16
-    expected = lora_linear_ref(x.bfloat16(), w.bfloat16(), b.bfloat16(), a, bb, 0.5)
-    torch.testing.assert_close(y, expected, rtol=2e-2, atol=2e-2)
-    y.float().sum().backward()
-    assert x.grad.dtype == torch.float32 and a.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
-    assert torch.isfinite(a.grad).all() and bb.grad.abs().sum() > 0
-
-
-# ---- backend switching --------------------------------------------------------------------------------------------
-
-@pytest.fixture
-def fresh_warnings():
-    dispatch.warn_once.cache_clear()  # the fallback warns once per process and reason
-    yield
-    dispatch.warn_once.cache_clear()
-
-
-@pytest.mark.parametrize("backend", ["reference", "auto", "AUTO", ""])
-def test_reference_and_auto_backends_on_cpu(monkeypatch, fresh_warnings, backend):
-    monkeypatch.setenv("FASTLORA_BACKEND", backend)
-    x, w, b, a, bb = _make()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        y = lora_linear(x, w, b, a, bb, 0.5)
-    torch.testing.assert_close(y, lora_linear_ref(x, w, b, a, bb, 0.5))
-    assert dispatch.resolve_backend("lora_linear", x.device) is None
-
-
-def test_bad_backend_raises(monkeypatch):
-    monkeypatch.setenv("FASTLORA_BACKEND", "cutlass")
-    x, w, b, a, bb = _make()
-    with pytest.raises(ValueError, match="FASTLORA_BACKEND='cutlass'.*auto, reference, triton"):
-        lora_linear(x, w, b, a, bb, 0.5)
-
-
-def test_triton_backend_on_cpu_without_interpreter_falls_back_with_a_warning(monkeypatch, fresh_warnings):
-    monkeypatch.setenv("FASTLORA_BACKEND", "triton")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    x, w, b, a, bb = _make()
-    with pytest.warns(RuntimeWarning, match="TRITON_INTERPRET=1"):
-        y = lora_linear(x, w, b, a, bb, 0.5)
-    torch.testing.assert_close(y, lora_linear_ref(x, w, b, a, bb, 0.5))
-    y.sum().backward()
-    assert a.grad is not None
-
-
-def test_triton_backend_with_interpreter_uses_the_kernels(monkeypatch, fresh_warnings):
-    pytest.importorskip("triton")
-    monkeypatch.setenv("FASTLORA_BACKEND", "triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    kernels = dispatch.load_kernels("lora_linear")
-    assert not isinstance(kernels, str), kernels
-    x, w, b, a, bb = _make()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        y = lora_linear(x, w, b, a, bb, 0.5)
-    messages = [str(c.message) for c in caught if issubclass(c.category, RuntimeWarning)]
-    assert not any("reference implementation" in m for m in messages), messages
-    torch.testing.assert_close(y, lora_linear_ref(x, w, b, a, bb, 0.5), rtol=1e-4, atol=1e-4)
-
-
-def test_triton_backend_dropout_backward_uses_the_forwards_kernel_mask(monkeypatch, fresh_warnings):
-    """Forward and backward run on the same backend, so the backward regenerates the kernels' own mask."""
-    pytest.importorskip("triton")
-    monkeypatch.setenv("FASTLORA_BACKEND", "triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    kernels = dispatch.load_kernels("lora_linear")
-    x, w, b, a, bb = _make(lead=(9,), k=20, n=12, r=4)
-    p, scaling = 0.4, 0.7
-    seed_state = torch.get_rng_state()
-    y = lora_linear(x, w, b, a, bb, scaling, p, training=True)
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    # The op draws its seed first thing from torch's generator: draw the same one for the oracle.
-    torch.set_rng_state(seed_state)
-    seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
-    keep = kernels.dropout_keep_mask(seed, 9, 20, p, x.device).to(x.dtype)
-    assert 0 < keep.sum() < keep.numel()
-    x2, a2, b2 = (t.detach().clone().requires_grad_() for t in (x, a, bb))
-    want = F.linear(x2, w, b) + scaling * ((x2 * keep / (1 - p)) @ a2.t()) @ b2.t()
-    want.backward(dy)
-    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
-    for got, ref in ((x, x2), (a, a2), (bb, b2)):
-        torch.testing.assert_close(got.grad, ref.grad, rtol=1e-4, atol=1e-4)
-
-
-def test_triton_backend_falls_back_on_what_the_kernels_do_not_cover(monkeypatch, fresh_warnings):
-    pytest.importorskip("triton")
-    monkeypatch.setenv("FASTLORA_BACKEND", "triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    x, w, b, a, bb = (t.detach().double().requires_grad_(t.requires_grad) for t in _make())
-    with pytest.warns(RuntimeWarning, match="do not cover this call: .*float64"):
-        y = lora_linear(x, w, b, a, bb, 0.5, 0.2, training=True)
-    y.sum().backward()  # the backward follows the forward onto the reference
-    assert a.grad is not None and x.grad is not None
 
 
 # ---- errors ---------------------------------------------------------------------------------------------------------
