@@ -4,7 +4,6 @@ PEFT + bitsandbytes, training, merging, and bad checkpoints that change nothing.
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
