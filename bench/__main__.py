@@ -20,7 +20,7 @@ import torch
 
 from bench import lora_linear, nf4_linear, train_step
 from bench.common import MODES, dtype_name, environment, measure_memory, setup_device, time_calls, time_cuda_graph
-from bench.report import comparisons, write_csv, write_json, write_markdown, write_plots
+from bench.report import comparisons, skip_plots_if_unavailable, write_csv, write_json, write_markdown, write_plots
 
 OPS = {"lora_linear": lora_linear, "nf4_linear": nf4_linear, "train_step": train_step}
 LAYER_OPS = ("lora_linear", "nf4_linear")  # one layer, measured in each of --modes
@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
     if any(mode not in MODES for mode in modes):
         raise SystemExit(f"--modes: choose from {', '.join(MODES)}")
+    no_plots = skip_plots_if_unavailable(args.no_plots)  # said now, not after the run
     device, dtype = setup_device(args.device, args.dtype, args.threads)
     preset = "quick" if args.quick else "full"
     budget = args.budget if args.budget is not None else (0.15 if args.quick else 0.25)
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(rows, meta, stem.with_suffix(".json"))
     text = write_markdown(rows, meta, stem.with_suffix(".md"))
     written = [stem.with_suffix(ext) for ext in (".csv", ".json", ".md")]
-    if not args.no_plots:
+    if not no_plots:
         written += write_plots(rows, meta, stem)
     print(text)
     print("\nwrote " + ", ".join(str(p) for p in written))

@@ -10,13 +10,14 @@ import argparse
 import csv
 import json
 import math
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 from bench.common import CSV_COLUMNS
 
 __all__ = ["comparisons", "read_json", "readme_section", "update_readme", "write_csv", "write_json", "write_markdown",
-           "write_plots", "main"]
+           "write_plots", "plots_unavailable", "main"]
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -308,6 +309,24 @@ COLORS = {"base": "tab:gray", "peft": "tab:blue", "fastlora": "tab:orange", "deq
           "bnb": "tab:green", "peft_bnb": "tab:cyan", "fastlora_qlora": "tab:red"}
 
 
+def plots_unavailable() -> str | None:
+    """Why the PNG plots cannot be drawn here, or None. Asked before a run, so that a long run does not end in
+    an ImportError after its tables are written."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return "matplotlib is not installed (pip install -e \".[bench]\" adds it)"
+    return None
+
+
+def skip_plots_if_unavailable(no_plots: bool) -> bool:
+    """``no_plots``, or True with a note on stderr where the plots cannot be drawn."""
+    reason = None if no_plots else plots_unavailable()
+    if reason is not None:
+        print(f"bench: no plots: {reason}; the CSV, JSON and markdown are written as usual", file=sys.stderr)
+    return no_plots or reason is not None
+
+
 def write_plots(rows: list[dict], meta: dict, stem: Path) -> list[Path]:
     import matplotlib
 
@@ -415,10 +434,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--readme", type=Path, help="also rewrite this README's generated benchmark section")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     args = parser.parse_args(argv)
+    no_plots = skip_plots_if_unavailable(args.no_plots)
     rows, meta = read_json(args.results)
     stem = args.results.with_suffix("")
     write_markdown(rows, meta, stem.with_suffix(".md"))
-    if not args.no_plots:
+    if not no_plots:
         write_plots(rows, meta, stem)
     if args.readme is not None:
         source = args.results.with_suffix(".md")
