@@ -17,7 +17,7 @@ from pathlib import Path
 from bench.common import CSV_COLUMNS
 
 __all__ = ["comparisons", "read_json", "readme_section", "update_readme", "write_csv", "write_json", "write_markdown",
-           "write_plots", "plots_unavailable", "main"]
+           "write_plots", "skip_plots_if_unavailable", "main"]
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -309,22 +309,18 @@ COLORS = {"base": "tab:gray", "peft": "tab:blue", "fastlora": "tab:orange", "deq
           "bnb": "tab:green", "peft_bnb": "tab:cyan", "fastlora_qlora": "tab:red"}
 
 
-def plots_unavailable() -> str | None:
-    """Why the PNG plots cannot be drawn here, or None. Asked before a run, so that a long run does not end in
-    an ImportError after its tables are written."""
+def skip_plots_if_unavailable(no_plots: bool) -> bool:
+    """``no_plots``, or True with a note on stderr where matplotlib is missing. Asked before a run, so that a
+    long run does not end in an ImportError after its tables are written."""
+    if no_plots:
+        return True
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        return "matplotlib is not installed (pip install -e \".[bench]\" adds it)"
-    return None
-
-
-def skip_plots_if_unavailable(no_plots: bool) -> bool:
-    """``no_plots``, or True with a note on stderr where the plots cannot be drawn."""
-    reason = None if no_plots else plots_unavailable()
-    if reason is not None:
-        print(f"bench: no plots: {reason}; the CSV, JSON and markdown are written as usual", file=sys.stderr)
-    return no_plots or reason is not None
+        print("bench: no plots: matplotlib is not installed (pip install -e \".[bench]\" adds it); the CSV, "
+              "JSON and markdown are written as usual", file=sys.stderr)
+        return True
+    return False
 
 
 def write_plots(rows: list[dict], meta: dict, stem: Path) -> list[Path]:

@@ -115,7 +115,7 @@ def test_load_adapter_takes_it_too(base, lacking):
         torch.testing.assert_close(loaded[key], value, rtol=0, atol=0, msg=key)
 
 
-def test_a_bad_value_is_refused_before_anything_changes(base, lacking, tmp_path):
+def test_a_bad_value_is_refused_before_anything_changes(base, lacking):
     folder, _ = lacking
     before = {k: v.clone() for k, v in base.state_dict().items()}
     with pytest.raises(ValueError, match="strict_adapter_check must be one of 'error', 'warn', 'ignore', got 'strict'"):
