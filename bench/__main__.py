@@ -11,6 +11,7 @@ Results are named ``<date>_<device>_<model>[_quick].{csv,json,md}`` plus ``..._<
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 import warnings
@@ -19,8 +20,10 @@ from pathlib import Path
 import torch
 
 from bench import lora_linear, nf4_linear, train_step
-from bench.common import MODES, dtype_name, environment, measure_memory, setup_device, time_calls, time_cuda_graph
-from bench.report import comparisons, skip_plots_if_unavailable, write_csv, write_json, write_markdown, write_plots
+from bench.common import (MODES, dtype_name, environment, measure_memory, paired_ratio, setup_device, time_calls,
+                          time_cuda_graph)
+from bench.report import (RIVALS, comparisons, skip_plots_if_unavailable, write_csv, write_json, write_markdown,
+                          write_plots)
 
 OPS = {"lora_linear": lora_linear, "nf4_linear": nf4_linear, "train_step": train_step}
 LAYER_OPS = ("lora_linear", "nf4_linear")  # one layer, measured in each of --modes
@@ -101,13 +104,23 @@ def run_op(name: str, device, dtype, env, preset: str, budget: float, modes, pro
         base_spec = next(spec for spec in group if spec.provider == "base")
         for spec, call in calls.items():
             rows.append(_row(name, spec, stats[spec], measure_memory(call, device), stats[base_spec].p50_ms,
-                             dtype_name(dtype), env))
+                             dtype_name(dtype), env, _paired(spec, stats)))
         if device.type == "cuda" and name in LAYER_OPS and base_spec.M <= GRAPH_MAX_M and base_spec.mode in GRAPH_MODES:
             rows += _graph_rows(name, calls, base_spec, dtype, env, budget)
         del calls
         progress.update(len(group))
     store.clear()
     return rows
+
+
+def _paired(spec, stats: dict) -> dict:
+    """For a fastlora row: its time over its rival's (``bench.report.RIVALS``) round by round
+    (``bench.common.paired_ratio``); empty for other rows."""
+    for rival in RIVALS.get(spec.provider, ()):
+        theirs = stats.get(dataclasses.replace(spec, provider=rival))
+        if theirs is not None:
+            return paired_ratio(stats[spec], theirs)
+    return {}
 
 
 def _graph_rows(name, calls, base_spec, dtype, env, budget) -> list[dict]:

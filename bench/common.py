@@ -20,7 +20,9 @@ Timing (``time_calls``):
   in memory can make every call on it faster or slower, which more rounds do not average out (full run,
   2-core Zen 5 EPYC, one row, 1024 -> 1024: PEFT's r 8 layer took 0.239 ms against 0.27-0.28 for its
   other ranks, so fastlora measured 1.14x of it; the same group run alone gave 0.95-0.97, four times).
-  The garbage collector is off while timing. ``budget_s`` is the wall time per call in the group.
+  The garbage collector is off while timing. ``budget_s`` is the wall time per call in the group. Each
+  provider's samples keep their round order (``Stats.seconds``), so two providers compare round by
+  round too (``paired_ratio``).
 - CUDA: ``triton.testing.do_bench`` (CUDA events; warm-up first) per call, or
   ``torch.cuda.Event`` timing when triton is missing; ``time_cuda_graph`` replays a captured graph
   for decode shapes (M <= 16), where launch latency is the cost.
@@ -69,6 +71,7 @@ __all__ = [
     "dtype_name",
     "environment",
     "measure_memory",
+    "paired_ratio",
     "parse_dtype",
     "pick_device",
     "random_x_dy",
@@ -288,6 +291,9 @@ class Stats:
     # intervals do not overlap differ by more than this run's noise.
     p50_lo_ms: float = float("nan")
     p50_hi_ms: float = float("nan")
+    # The CPU timer's samples in seconds, one a round in round order (so the calls of one round pair up:
+    # ``paired_ratio``); empty for the CUDA timers.
+    seconds: tuple[float, ...] = field(default=(), repr=False)
 
 
 def _quantiles_ms(seconds: list[float]) -> tuple[float, float, float]:
@@ -295,15 +301,38 @@ def _quantiles_ms(seconds: list[float]) -> tuple[float, float, float]:
     return statistics.median(seconds) * 1e3, qs[1] * 1e3, qs[7] * 1e3  # p50, p20, p80
 
 
-def _median_interval_ms(seconds: list[float]) -> dict[str, float]:
-    """The distribution-free 95% interval of the median: the order statistics n/2 -+ 1.96 sqrt(n)/2."""
-    n = len(seconds)
+def _median_interval(values: list[float]) -> tuple[float, float] | None:
+    """The distribution-free 95% interval of the median: the order statistics n/2 -+ 1.96 sqrt(n)/2 (None
+    below 6 values)."""
+    n = len(values)
     if n < 6:
-        return {}
-    ordered = sorted(seconds)
+        return None
+    ordered = sorted(values)
     half = 1.96 * math.sqrt(n) / 2
-    lo, hi = max(0, math.floor(n / 2 - half)), min(n - 1, math.ceil(n / 2 + half) - 1)
-    return {"p50_lo_ms": ordered[lo] * 1e3, "p50_hi_ms": ordered[hi] * 1e3}
+    return ordered[max(0, math.floor(n / 2 - half))], ordered[min(n - 1, math.ceil(n / 2 + half) - 1)]
+
+
+def _median_interval_ms(seconds: list[float]) -> dict[str, float]:
+    interval = _median_interval(seconds)
+    return {} if interval is None else {"p50_lo_ms": interval[0] * 1e3, "p50_hi_ms": interval[1] * 1e3}
+
+
+def paired_ratio(ours: Stats, theirs: Stats) -> dict[str, float]:
+    """``paired_ratio``: the median over rounds of our time over theirs in the same round, with its 95%
+    interval (``paired_lo``, ``paired_hi``); empty without per-round samples (the CUDA timers).
+
+    On a shared CPU the noise comes in spells longer than a round (the calls of a 2048-row round take
+    0.2-0.5 s), and a spell slows both calls of a round alike: the ratio of one round's two calls cancels
+    it, the ratio of two medians does not. One run, 2-core Zen 4 EPYC, 2048 x 2816 -> 1024, r 8, forward
+    without grad, 25 rounds: medians 94.3 vs 103.7 ms, whose intervals (76.7-105.8, 83.9-112.1) overlap
+    and say nothing; paired 0.953 (0.873-0.965)."""
+    if not ours.seconds or len(ours.seconds) != len(theirs.seconds):
+        return {}
+    ratios = [a / b for a, b in zip(ours.seconds, theirs.seconds)]
+    interval = _median_interval(ratios)
+    if interval is None:
+        return {}
+    return {"paired_ratio": statistics.median(ratios), "paired_lo": interval[0], "paired_hi": interval[1]}
 
 
 def time_calls(
@@ -352,7 +381,7 @@ def _time_cpu_interleaved(calls, budget_s, min_rounds, max_rounds, warmup_rounds
         if gc_was_enabled:
             gc.enable()
     return {key: Stats(*_quantiles_ms(samples[key]), samples=len(samples[key]), timer="perf_counter",
-                       **_median_interval_ms(samples[key])) for key in keys}
+                       seconds=tuple(samples[key]), **_median_interval_ms(samples[key])) for key in keys}
 
 
 def _time_cuda(fn: Callable[[], object], budget_s: float) -> Stats:

@@ -78,20 +78,33 @@ def comparisons(rows: list[dict]) -> list[dict]:
             out.append(dict(
                 op=op, mode=mode, M=m, K=k, N=n, dtype=dtype, r=r, dropout=p, base=base.get((op, mode, m, k, n)),
                 theirs=theirs, ours=ours, against=against, vs_theirs=ours["p50_ms"] / theirs["p50_ms"],
-                slower=ours["p50_ms"] > theirs["p50_ms"],
-                clearly_slower=_clearly_slower(ours, theirs),
+                slower=ours["p50_ms"] > theirs["p50_ms"], paired=ours.get("paired_ratio", math.nan),
+                clearly_slower=_clearly_slower(ours, theirs), clearly_faster=_clearly_faster(ours, theirs),
                 heavier=_more(ours["peak_mb"], theirs["peak_mb"]) or _more(ours["saved_mb"], theirs["saved_mb"]),
             ))
     return out
 
 
 def _clearly_slower(ours: dict, theirs: dict) -> bool:
-    """Slower beyond the run's noise: the 95% intervals of the two medians do not overlap (without
-    intervals, as from ``do_bench``, any slower median counts)."""
+    """Slower beyond the run's noise: the 95% interval of the paired ratio (``bench.common.paired_ratio``)
+    lies above 1. Rows without it (runs saved before it existed): the 95% intervals of the two medians do
+    not overlap; without intervals either, as from ``do_bench``, any slower median counts."""
+    lo = ours.get("paired_lo", math.nan)
+    if not math.isnan(lo):
+        return lo > 1.0
     if ours["p50_ms"] <= theirs["p50_ms"]:
         return False
     lo, hi = ours.get("p50_lo_ms", math.nan), theirs.get("p50_hi_ms", math.nan)
     return not (lo <= hi)  # NaN: no interval
+
+
+def _clearly_faster(ours: dict, theirs: dict) -> bool:
+    """Faster beyond the run's noise: the paired ratio's interval lies below 1 (the two medians' intervals
+    apart, for rows without it)."""
+    hi = ours.get("paired_hi", math.nan)
+    if not math.isnan(hi):
+        return hi < 1.0
+    return ours.get("p50_hi_ms", math.nan) < theirs.get("p50_lo_ms", math.nan)
 
 
 # "More memory" means more by over 1 KiB: fastlora saves its dropout seed (an 8-byte int64 tensor) even
@@ -116,8 +129,9 @@ def _lora_linear_table(lines: list[dict], theirs: str = "PEFT", weights: bool = 
     w_head, w_rule = ("weights | ", "---|") if weights else ("", "")
     out = [
         f"| mode | M | K | N | {w_head}r | p | base ms | {theirs} ms | fastlora ms | {theirs}/base | fastlora/base "
-        f"| **fastlora/{theirs}** | peak MB base / {theirs} / fastlora | saved MB {theirs} / fastlora | out MB |",
-        f"|---|--:|--:|--:|{w_rule}--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        f"| **fastlora/{theirs}** | paired (95%) | peak MB base / {theirs} / fastlora | saved MB {theirs} / fastlora "
+        f"| out MB |",
+        f"|---|--:|--:|--:|{w_rule}--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for c in lines:
         b, p, f = c["base"], c["theirs"], c["ours"]
@@ -127,10 +141,18 @@ def _lora_linear_table(lines: list[dict], theirs: str = "PEFT", weights: bool = 
         out.append(
             f"| {c['mode']} | {c['M']} | {c['K']} | {c['N']} | {w_cell}{c['r']} | {c['dropout']:g} "
             f"| {_ms(b['p50_ms']) if b else '-'} | {_ms(p['p50_ms'])} | {_ms(f['p50_ms'])} "
-            f"| {p['ratio_to_base']:.2f} | {f['ratio_to_base']:.2f} | **{c['vs_theirs']:.2f}**{flag} "
+            f"| {p['ratio_to_base']:.2f} | {f['ratio_to_base']:.2f} | **{c['vs_theirs']:.2f}**{flag} | {_paired(f)} "
             f"| {_mb(b['peak_mb']) if b else '-'} / {_mb(p['peak_mb'])} / {_mb(f['peak_mb'])}{heavy} "
             f"| {_mb(p['saved_mb'])} / {_mb(f['saved_mb'])} | {_mb(f['out_mb'])} |")
     return out
+
+
+def _paired(ours: dict) -> str:
+    """``0.95 (0.87-0.97)``: the paired ratio and its interval, ``-`` for rows without it."""
+    ratio = ours.get("paired_ratio", math.nan)
+    if math.isnan(ratio):
+        return "-"
+    return f"{ratio:.2f} ({ours['paired_lo']:.2f}-{ours['paired_hi']:.2f})"
 
 
 def _weights(dtype: str) -> str:
@@ -207,8 +229,11 @@ def write_markdown(rows: list[dict], meta: dict, path: Path) -> str:
         f"dtype {meta['dtype']}, preset {meta['preset']}. Command: `{meta['command']}`",
         "",
         "Times are medians (p50) in ms; ratios divide medians. `fastlora/PEFT` above 1 means fastlora was "
-        "slower (marked `!`; `!!` where the 95% intervals of the two medians do not overlap, that is, slower "
-        "beyond the run's noise). peak MB: the most memory the measured call allocated beyond its inputs and "
+        "slower (marked `!`; `!!` where slower beyond the run's noise: see paired). paired: the median over the "
+        "timing rounds of fastlora's time over its rival's in the same round, with its 95% interval; a spell of "
+        "noise on a shared CPU slows both calls of a round, which this ratio cancels and a ratio of medians "
+        "does not (bench/README.md). Beyond noise: that interval lies above 1 (for runs without it: the 95% "
+        "intervals of the two medians do not overlap). peak MB: the most memory the measured call allocated beyond its inputs and "
         "weights (the backward alone counts the activations its forward saved); saved MB: activations "
         "autograd keeps for the backward; out MB: the output. See bench/README.md.",
     ]
@@ -229,24 +254,39 @@ def write_markdown(rows: list[dict], meta: dict, path: Path) -> str:
 
 
 def _summary(lines: list[dict]) -> str:
-    """One sentence per rival: fastlora's time over theirs across the comparisons."""
+    """Per rival: fastlora's time over theirs across the comparisons, by medians and round by round."""
     out = []
     for against in dict.fromkeys(c["against"] for c in lines):
         group = [c for c in lines if c["against"] == against]
         name = RIVAL_NAMES.get(against, against)
         slower = [c for c in group if c["slower"]]
         clearly = [c for c in group if c["clearly_slower"]]
+        faster = [c for c in group if c["clearly_faster"]]
         heavier = [c for c in group if c["heavier"]]
         worst = max(group, key=lambda c: c["vs_theirs"])
         ratios = sorted(c["vs_theirs"] for c in group)
-        adapter = "" if worst["r"] == "" else f" r={worst['r']} p={worst['dropout']:g}"
-        adapter += f" {_weights(worst['dtype'])}" if "/" in worst["dtype"] else ""
+        paired = [c for c in group if not math.isnan(c["paired"])]
         out.append(
             f"fastlora/{name} time over {len(group)} comparisons: median {ratios[len(ratios) // 2]:.2f}, "
-            f"best {ratios[0]:.2f}, worst {worst['vs_theirs']:.2f} ({worst['mode']} M={worst['M']} "
-            f"K={worst['K']} N={worst['N']}{adapter}). Slower than {name} (median) "
-            f"in {len(slower)}, beyond the run's noise in {len(clearly)}; more memory than {name} (peak or saved, by over 1 KiB) in {len(heavier)}.")
+            f"best {ratios[0]:.2f}, worst {worst['vs_theirs']:.2f} ({_where(worst)}). Slower than {name} (median) "
+            f"in {len(slower)}.")
+        if paired:
+            by_round = sorted(c["paired"] for c in paired)
+            worst_paired = max(paired, key=lambda c: c["paired"])
+            out.append(
+                f"Paired, round by round: median {by_round[len(by_round) // 2]:.2f}, worst {worst_paired['paired']:.2f} "
+                f"({_where(worst_paired)}), above 1 in {sum(r > 1.0 for r in by_round)}.")
+        out.append(
+            f"Slower beyond the run's noise in {len(clearly)}, faster beyond it in {len(faster)}; more memory than "
+            f"{name} (peak or saved, by over 1 KiB) in {len(heavier)}.")
     return " ".join(out)
+
+
+def _where(c: dict) -> str:
+    """``forward M=2048 K=2816 N=1024 r=16 p=0``: one comparison's mode and shape."""
+    adapter = "" if c["r"] == "" else f" r={c['r']} p={c['dropout']:g}"
+    adapter += f" {_weights(c['dtype'])}" if "/" in c["dtype"] else ""
+    return f"{c['mode']} M={c['M']} K={c['K']} N={c['N']}{adapter}"
 
 
 # ---- README section -------------------------------------------------------------------------------------
@@ -268,12 +308,14 @@ def readme_section(rows: list[dict], meta: dict, source: str) -> str:
         text += [
             "One LoRA linear layer (shapes: M tokens x (K, N) projections x r), fastlora over PEFT "
             "(below 1: fastlora faster / lighter); slower in: the shapes where fastlora's median time is "
-            "above PEFT's, beyond noise: those of them where the 95% intervals of the two medians do not "
-            "overlap:",
+            "above PEFT's; paired: per shape, the median over the timing rounds of fastlora's time over "
+            "PEFT's in the same round (bench/README.md); beyond noise: the shapes where the 95% interval of "
+            "that ratio lies above 1 (for runs without it, where the 95% intervals of the two medians do not "
+            "overlap):",
             "",
-            "| mode | dropout | shapes | time: median | best | worst | slower in | beyond noise | "
-            "peak memory: median | worst |",
-            "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+            "| mode | dropout | shapes | time: median | best | worst | slower in | paired: median | worst "
+            "| above 1 | beyond noise | peak memory: median | worst |",
+            "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
         ]
         groups: dict[tuple, list[dict]] = defaultdict(list)
         for c in lines:
@@ -284,9 +326,12 @@ def readme_section(rows: list[dict], meta: dict, source: str) -> str:
             slower = [c for c in group if c["slower"]]
             clearly = sum(c["clearly_slower"] for c in group)
             where = ", ".join(sorted({f"M={c['M']}" for c in slower}, key=lambda t: int(t[2:]))) or "none"
+            paired = sorted(c["paired"] for c in group if not math.isnan(c["paired"]))
+            by_round = (f"{paired[len(paired) // 2]:.2f} | {paired[-1]:.2f} | {sum(r > 1.0 for r in paired)}"
+                        if paired else "- | - | -")
             text.append(
                 f"| {mode} | {p:g} | {len(group)} | {times[len(times) // 2]:.2f} | {times[0]:.2f} | {times[-1]:.2f} "
-                f"| {len(slower)} ({where}) | {clearly} | {mems[len(mems) // 2]:.2f} | {mems[-1]:.2f} |")
+                f"| {len(slower)} ({where}) | {by_round} | {clearly} | {mems[len(mems) // 2]:.2f} | {mems[-1]:.2f} |")
     steps = [r for r in rows if r["op"] == "train_step"]
     if steps:
         text += ["", "Training step of a small Llama built from a config (LoRA r=16 on every projection):", ""]

@@ -1,19 +1,23 @@
-"""bench.common: what a results file says about the machine (and its name), and the CPU timing loop's
-halfway trade of weight copies (bench.lora_linear.trade_weights)."""
+"""bench.common: what a results file says about the machine (and its name), the CPU timing loop's
+halfway trade of weight copies (bench.lora_linear.trade_weights), and the paired ratio of two providers'
+rounds with what the report calls beyond noise."""
 
 from __future__ import annotations
 
+import math
+import random
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # bench/ ships with the repository, not the package
     sys.path.insert(0, str(ROOT))
 
-from bench import lora_linear  # noqa: E402
-from bench.common import environment, time_calls  # noqa: E402
+from bench import lora_linear, report  # noqa: E402
+from bench.common import Stats, environment, paired_ratio, time_calls  # noqa: E402
 
 
 def _cpuinfo(family: int, model: int, flags: str) -> str:
@@ -64,3 +68,45 @@ def test_trade_weights_swaps_each_pair_and_changes_no_output():
             torch.testing.assert_close(call.fn(), before[spec], rtol=0, atol=0)
     trade()
     assert [[w.data_ptr() for w in pair] for pair in pairs] == storages
+
+
+def _stats(seconds: list[float]) -> Stats:
+    """What the CPU timer returns for these samples."""
+    ordered = sorted(seconds)
+    n = len(ordered)
+    half = 1.96 * math.sqrt(n) / 2
+    lo, hi = ordered[max(0, math.floor(n / 2 - half))], ordered[min(n - 1, math.ceil(n / 2 + half) - 1)]
+    return Stats(ordered[n // 2] * 1e3, ordered[n // 5] * 1e3, ordered[4 * n // 5] * 1e3, samples=n,
+                 timer="perf_counter", p50_lo_ms=lo * 1e3, p50_hi_ms=hi * 1e3, seconds=tuple(seconds))
+
+
+def _row(stats: Stats, **paired) -> dict:
+    return {"p50_ms": stats.p50_ms, "p50_lo_ms": stats.p50_lo_ms, "p50_hi_ms": stats.p50_hi_ms, **paired}
+
+
+def test_paired_ratio_sees_through_noise_that_slows_both_calls_of_a_round():
+    # Spells of a shared machine: each round 1x to 3x slower, for both providers alike; ours is 5% slower.
+    spell = random.Random(0)
+    theirs = [0.01 * spell.uniform(1.0, 3.0) for _ in range(40)]
+    ours = [t * 1.05 for t in theirs]
+    a, b = _stats(ours), _stats(theirs)
+    assert a.p50_lo_ms <= b.p50_hi_ms  # the two medians' intervals overlap: they cannot tell
+    paired = paired_ratio(a, b)
+    assert [paired[k] for k in ("paired_lo", "paired_ratio", "paired_hi")] == pytest.approx([1.05] * 3, rel=1e-12)
+    assert report._clearly_slower(_row(a, **paired), _row(b)) and not report._clearly_faster(_row(a, **paired), _row(b))
+    # Without the paired interval (a run saved before it existed) the overlap rule stays: not beyond noise.
+    assert not report._clearly_slower(_row(a), _row(b))
+    # The same spells with ours 5% faster.
+    quicker = _stats([t * 0.95 for t in theirs])
+    paired = paired_ratio(quicker, b)
+    assert report._clearly_faster(_row(quicker, **paired), _row(b))
+    assert not report._clearly_slower(_row(quicker, **paired), _row(b))
+
+
+def test_paired_ratio_needs_rounds_that_pair_up():
+    rounds = _stats([0.01 * (1 + i % 3) for i in range(10)])
+    assert paired_ratio(rounds, Stats(1.0, 1.0, 1.0, samples=0, timer="do_bench")) == {}
+    assert paired_ratio(rounds, _stats([0.01] * 12)) == {}  # 10 rounds against 12: not one run
+    assert paired_ratio(_stats([0.01] * 4), _stats([0.02] * 4)) == {}  # too few rounds for an interval
+    noisy = paired_ratio(rounds, _stats([0.01 * (1 + i % 2) for i in range(10)]))
+    assert noisy["paired_lo"] < 1.0 < noisy["paired_hi"]  # ratios from 0.5 to 3: no verdict
