@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import os
 import tempfile
-import warnings
 
 import torch
 from torch import nn
 
+from fastlora._warn import warn
 from fastlora.config import CONFIG_NAME, PeftConfig
 from fastlora.layers import ModulesToSaveWrapper
 
@@ -73,8 +73,7 @@ def _report_keys(adapter_name: str, unexpected: list[str], missing: list[str], s
     if strict == "error":
         raise AdapterKeysError(message + ". Nothing was loaded; strict_adapter_check='warn' loads the tensors "
                                "that match and leaves the others as initialized")
-    warnings.warn(message + "; the tensors that match were loaded, the others keep their initial values",
-                  UserWarning, stacklevel=4)
+    warn(message + "; the tensors that match were loaded, the others keep their initial values")
 
 
 def _some(keys: list[str]) -> str:

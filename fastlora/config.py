@@ -6,10 +6,10 @@ import enum
 import functools
 import json
 import os
-import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
+from fastlora._warn import warn
 from fastlora.io import atomic_write_text
 
 __all__ = ["CONFIG_NAME", "PeftType", "TaskType", "PeftConfig", "LoraConfig", "register_config"]
@@ -153,7 +153,7 @@ class PeftConfig:
             _check_unsupported(cls, key, data.pop(key, default), default)
         unknown = sorted(set(data) - known - cls.IGNORED_KEYS)
         if unknown:
-            warnings.warn(f"{cls.__name__}: ignoring unknown config keys {unknown}", UserWarning, stacklevel=3)
+            warn(f"{cls.__name__}: ignoring unknown config keys {unknown}")
         return cls(**{k: v for k, v in data.items() if k in known})
 
     @classmethod

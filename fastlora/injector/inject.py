@@ -7,12 +7,12 @@ heads, ``model_type``); the layers it installs know nothing of it.
 from __future__ import annotations
 
 import types
-import warnings
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
+from fastlora._warn import warn
 from fastlora.injector.match import is_excluded, matches_target, names_match
 from fastlora.injector.targets import LORA_TARGET_MODULES, SEQ_CLS_HEAD_NAMES
 from fastlora.layers import LinearNF4, LoraLinear, ModulesToSaveWrapper
@@ -122,9 +122,9 @@ def fit_fan_in_fan_out(module: nn.Module, config, key: str) -> bool:
     conv1d = conv1d_class()
     is_conv1d = conv1d is not None and isinstance(module, conv1d)
     if is_conv1d and not config.fan_in_fan_out:
-        warnings.warn(f"{key} is a Conv1D (weight stored [in, out]): using fan_in_fan_out=True for it", UserWarning)
+        warn(f"{key} is a Conv1D (weight stored [in, out]): using fan_in_fan_out=True for it")
     elif not is_conv1d and config.fan_in_fan_out:
-        warnings.warn(f"{key} is an nn.Linear: using fan_in_fan_out=False for it", UserWarning)
+        warn(f"{key} is an nn.Linear: using fan_in_fan_out=False for it")
     return is_conv1d
 
 

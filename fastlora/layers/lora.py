@@ -8,12 +8,12 @@ the first active adapter runs through the fused op ``fastlora.ops.lora_linear``.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
+from fastlora._warn import warn
 from fastlora.layers.adapter import AdapterLayer
 from fastlora.layers.bank import AdapterBank, MixedBatch, mixed_batch_forward
 from fastlora.layers.nf4 import LinearNF4
@@ -225,11 +225,8 @@ class LoraLinear(AdapterLayer):
 
     def _requantize(self, names: list[str], sign: float, safe_merge: bool) -> None:
         """Add (sign=+1) or remove (-1) adapters in a 4-bit base: dequantize, update in fp32, quantize."""
-        warnings.warn(
-            "merging into a 4-bit NF4 base weight re-quantizes it, which rounds the merged weights (and "
-            "unmerging rounds again); merge_and_unload() returns a 16-bit model without this rounding",
-            UserWarning, stacklevel=3,
-        )
+        warn("merging into a 4-bit NF4 base weight re-quantizes it, which rounds the merged weights (and "
+             "unmerging rounds again); merge_and_unload() returns a 16-bit model without this rounding")
         weight = self.base_layer.dequantize(torch.float32)
         for name in names:
             weight = weight + sign * self.get_delta_weight(name)

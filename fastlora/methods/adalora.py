@@ -10,13 +10,13 @@ is not saved. The forward is a LoRA update with ``A' = E * A``, so it runs throu
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from fastlora._warn import warn
 from fastlora.config import LoraConfig, PeftType, register_config
 from fastlora.injector.inject import fit_fan_in_fan_out, iter_modules
 from fastlora.injector.targets import ADALORA_TARGET_MODULES
@@ -77,10 +77,9 @@ class AdaLoraConfig(LoraConfig):
         if self.orth_reg_weight < 0:
             raise ValueError(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight}")
         if self.r != 8:
-            warnings.warn("AdaLoRA does not use r (its starting rank is init_r); r is ignored", UserWarning,
-                          stacklevel=3)
+            warn("AdaLoRA does not use r (its starting rank is init_r); r is ignored")
         if self.alpha_pattern:
-            warnings.warn("AdaLoRA does not use alpha_pattern (as in PEFT); it is ignored", UserWarning, stacklevel=3)
+            warn("AdaLoRA does not use alpha_pattern (as in PEFT); it is ignored")
 
 
 def _check_rank_pattern(pattern: dict) -> dict[str, list[bool]]:

@@ -10,7 +10,6 @@ dtype; without gradients the vector is folded into the weight when that is the s
 from __future__ import annotations
 
 import re
-import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastlora._warn import warn
 from fastlora.config import PeftConfig, PeftType, register_config
 from fastlora.injector.inject import fit_fan_in_fan_out
 from fastlora.injector.targets import IA3_FEEDFORWARD_MODULES, IA3_TARGET_MODULES
@@ -199,8 +199,7 @@ class IA3Linear(AdapterLayer):
             name = self.merged_adapters.pop()
             factor = self._weight_factor(name)
             if not bool((factor != 0).all()):
-                warnings.warn(f"IA3 adapter {name!r} has zero scales: the weights they zeroed cannot be restored",
-                              UserWarning, stacklevel=2)
+                warn(f"IA3 adapter {name!r} has zero scales: the weights they zeroed cannot be restored")
             factor = torch.where(factor == 0, torch.ones_like(factor), factor)
             weight.copy_((weight.float() / factor).to(weight.dtype))
             if bias is not None and not self.is_feedforward:

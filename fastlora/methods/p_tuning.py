@@ -8,13 +8,13 @@ virtual token; a saved adapter loads into an encoder without the head (as PEFT's
 from __future__ import annotations
 
 import enum
-import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
 
+from fastlora._warn import warn
 from fastlora.config import PeftType, register_config
 from fastlora.methods.prompt_learning import PROMPT_ENCODERS, PromptLearningConfig, VirtualTokenEncoder
 
@@ -79,8 +79,8 @@ class PromptEncoder(VirtualTokenEncoder):
             self.mlp_head = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, dim))
         else:
             if config.encoder_num_layers != MLP_LAYERS:
-                warnings.warn(f"p-tuning MLP: encoder_num_layers={config.encoder_num_layers} is ignored; the MLP has "
-                              f"{MLP_LAYERS} hidden layers (as in PEFT)", UserWarning, stacklevel=2)
+                warn(f"p-tuning MLP: encoder_num_layers={config.encoder_num_layers} is ignored; the MLP has "
+                     f"{MLP_LAYERS} hidden layers (as in PEFT)")
             self.mlp_head = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                                           nn.Linear(hidden, dim))
 

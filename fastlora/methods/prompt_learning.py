@@ -15,7 +15,6 @@ each task with the virtual tokens added.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
@@ -23,6 +22,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
+from fastlora._warn import warn
 from fastlora.config import PeftConfig, PeftType, TaskType
 from fastlora.injector.inject import replace_module, wrap_modules_to_save
 from fastlora.layers import ModulesToSaveWrapper
@@ -302,7 +302,7 @@ class PromptLearner(nn.ModuleDict):
         if self.active_config.peft_type == PeftType.MULTITASK_PROMPT_TUNING and task_ids is None:
             raise ValueError("multitask prompt tuning needs task_ids (one task index per row) in forward and generate")
 
-    def _position_ids(self, kwargs: dict, warn: bool = True) -> None:
+    def _position_ids(self, kwargs: dict, say: bool = True) -> None:
         """PEFT's rule: position ids move by the prefix length under prefix tuning, and are dropped (the
         model numbers the virtual tokens too) under the other methods."""
         if kwargs.get("position_ids") is None:
@@ -310,8 +310,8 @@ class PromptLearner(nn.ModuleDict):
         if self.active_config.peft_type == PeftType.PREFIX_TUNING:
             kwargs["position_ids"] = kwargs["position_ids"] + self.active_config.num_virtual_tokens
         else:
-            if warn:
-                warnings.warn("position_ids are ignored with prompt learning (as in PEFT)", UserWarning, stacklevel=4)
+            if say:
+                warn("position_ids are ignored with prompt learning (as in PEFT)")
             kwargs["position_ids"] = None
 
     def _input_embeds(self, input_ids, inputs_embeds) -> torch.Tensor:
@@ -486,7 +486,7 @@ class PromptLearner(nn.ModuleDict):
         ids_key = "decoder_input_ids" if encoder_decoder else "input_ids"
         embeds_key = "decoder_inputs_embeds" if encoder_decoder else "inputs_embeds"
         mask_key = "decoder_attention_mask" if encoder_decoder else "attention_mask"
-        self._position_ids(kwargs, warn=False)  # generate numbers the real tokens only
+        self._position_ids(kwargs, say=False)  # generate numbers the real tokens only
         tokens = kwargs.get(ids_key) if kwargs.get(ids_key) is not None else kwargs[embeds_key]
         batch_size = tokens.shape[0]
         kwargs[mask_key] = self._extend_mask(kwargs.get(mask_key), batch_size)
@@ -540,7 +540,7 @@ def _classification_loss(model: nn.Module, logits: torch.Tensor, labels: torch.T
 
 def _drop_token_type_ids(kwargs: dict) -> None:
     if kwargs.get("token_type_ids") is not None:
-        warnings.warn("token_type_ids are ignored with prompt learning (as in PEFT)", UserWarning, stacklevel=4)
+        warn("token_type_ids are ignored with prompt learning (as in PEFT)")
         kwargs["token_type_ids"] = None
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import importlib
 import os
-import warnings
 from functools import lru_cache
 
 import torch
+
+from fastlora._warn import warn
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -59,7 +60,7 @@ def load_kernels(op: str):
 @lru_cache(maxsize=None)
 def warn_once(reason: str) -> None:
     """Warn, once per distinct reason, that a call runs on the reference instead of the kernels."""
-    warnings.warn(f"fastlora: using the reference implementation because {reason}", RuntimeWarning, stacklevel=4)
+    warn(f"fastlora: using the reference implementation because {reason}", RuntimeWarning)
 
 
 def resolve_backend(op: str, device: torch.device):
