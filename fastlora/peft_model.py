@@ -114,6 +114,11 @@ class PeftModel(nn.Module):
         return self._tuner.active_adapters
 
     @property
+    def active_peft_config(self) -> PeftConfig:
+        """The config of the active adapter (the first, when several are active)."""
+        return self.peft_config[self.active_adapters[0]]
+
+    @property
     def peft_type(self) -> PeftType:
         return PeftType(self.peft_config[self.active_adapters[0]].peft_type)
 
@@ -171,6 +176,14 @@ class PeftModel(nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._tuner.delete_adapter(adapter_name)
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Turn gradients of ``adapter_names`` on (default) or off, whether they are active or not; what is
+        active does not change. Not for prompt learning (as in PEFT)."""
+        if self._is_prompt_learning or self.peft_type == PeftType.ADAPTION_PROMPT:
+            raise TypeError(f"set_requires_grad is not supported for {self.peft_type.value} (its adapters are not "
+                            f"per-layer tensors; PEFT has none for it either)")
+        self._tuner.set_requires_grad(adapter_names, requires_grad)
 
     # ---- checkpoints ----------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,

@@ -176,6 +176,14 @@ class AdapterTuner(nn.Module):
                 layer.set_adapter(names)
         self.active_adapter = names[0] if len(names) == 1 else names
 
+    def set_requires_grad(self, adapter_names: str | Iterable[str], requires_grad: bool = True) -> None:
+        """Turn gradients of ``adapter_names`` (their adapter tensors and modules_to_save copies) on or off,
+        active or not: PEFT 0.17's, for training an adapter that is not the active one, or freezing one."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self._check_names(names)
+        for layer in self._layers():
+            layer.set_requires_grad(names, requires_grad)
+
     def enable_adapter_layers(self) -> None:
         for layer in self._layers():
             layer.enable_adapters(True)

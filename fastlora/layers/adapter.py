@@ -80,6 +80,15 @@ class AdapterLayer(nn.Module):
                 param.requires_grad_(name in names)
         self._active_adapters = names
 
+    def set_requires_grad(self, adapter_names: str | Iterable[str], requires_grad: bool = True) -> None:
+        """Turn gradients of ``adapter_names``' tensors on or off (PEFT 0.17's); which adapters are active does
+        not change."""
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        for table in self.adapter_layer_names:
+            for name, item in getattr(self, table).items():
+                if name in names:
+                    item.requires_grad_(requires_grad)
+
     def enable_adapters(self, enabled: bool) -> None:
         if not enabled and self.merged:
             self.unmerge()

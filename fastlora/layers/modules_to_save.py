@@ -54,6 +54,12 @@ class ModulesToSaveWrapper(nn.Module):
             module.requires_grad_(name == adapter_name)
         self._active_adapter = adapter_name
 
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        for name, module in self.modules_to_save.items():
+            if name in names:
+                module.requires_grad_(requires_grad)
+
     def enable_adapters(self, enabled: bool) -> None:
         self._disable_adapters = not enabled
 
