@@ -233,9 +233,9 @@ def write_markdown(rows: list[dict], meta: dict, path: Path) -> str:
         "timing rounds of fastlora's time over its rival's in the same round, with its 95% interval; a spell of "
         "noise on a shared CPU slows both calls of a round, which this ratio cancels and a ratio of medians "
         "does not (bench/README.md). Beyond noise: that interval lies above 1 (for runs without it: the 95% "
-        "intervals of the two medians do not overlap). peak MB: the most memory the measured call allocated beyond its inputs and "
-        "weights (the backward alone counts the activations its forward saved); saved MB: activations "
-        "autograd keeps for the backward; out MB: the output. See bench/README.md.",
+        "intervals of the two medians do not overlap). peak MB: the most memory the measured call allocated "
+        "beyond its inputs and weights (the backward alone counts the activations its forward saved); saved MB: "
+        "activations autograd keeps for the backward; out MB: the output. See bench/README.md.",
     ]
     lines = comparisons(rows)
     for op in dict.fromkeys(r["op"] for r in rows):
@@ -272,10 +272,10 @@ def _summary(lines: list[dict]) -> str:
             f"in {len(slower)}.")
         if paired:
             by_round = sorted(c["paired"] for c in paired)
-            worst_paired = max(paired, key=lambda c: c["paired"])
+            worst = max(paired, key=lambda c: c["paired"])
             out.append(
-                f"Paired, round by round: median {by_round[len(by_round) // 2]:.2f}, worst {worst_paired['paired']:.2f} "
-                f"({_where(worst_paired)}), above 1 in {sum(r > 1.0 for r in by_round)}.")
+                f"Paired, round by round: median {by_round[len(by_round) // 2]:.2f}, worst {worst['paired']:.2f} "
+                f"({_where(worst)}), above 1 in {sum(r > 1.0 for r in by_round)}.")
         out.append(
             f"Slower beyond the run's noise in {len(clearly)}, faster beyond it in {len(faster)}; more memory than "
             f"{name} (peak or saved, by over 1 KiB) in {len(heavier)}.")
@@ -331,7 +331,8 @@ def readme_section(rows: list[dict], meta: dict, source: str) -> str:
                         if paired else "- | - | -")
             text.append(
                 f"| {mode} | {p:g} | {len(group)} | {times[len(times) // 2]:.2f} | {times[0]:.2f} | {times[-1]:.2f} "
-                f"| {len(slower)} ({where}) | {by_round} | {clearly} | {mems[len(mems) // 2]:.2f} | {mems[-1]:.2f} |")
+                f"| {len(slower)} ({where}) | {by_round} | {clearly} | {mems[len(mems) // 2]:.2f} "
+                f"| {mems[-1]:.2f} |")
     steps = [r for r in rows if r["op"] == "train_step"]
     if steps:
         text += ["", "Training step of a small Llama built from a config (LoRA r=16 on every projection):", ""]
