@@ -51,6 +51,7 @@ from fastlora.peft_model import (
     PeftModelForTokenClassification,
     get_peft_model,
 )
+from fastlora.status import get_layer_status, get_model_status
 
 __version__ = "0.1.0"
 
@@ -77,6 +78,8 @@ __all__ = [
     "AutoPeftModelForQuestionAnswering",
     "AutoPeftModelForFeatureExtraction",
     "LoraModel",
+    "get_layer_status",
+    "get_model_status",
     # prompt learning and adaption prompt
     "PromptLearningConfig",
     "PromptTuningConfig",

@@ -26,6 +26,7 @@ from fastlora.injector import LoraModel
 from fastlora.injector.mixed_batch import mixed_adapter_batch
 from fastlora.layers import LinearNF4
 from fastlora.methods import PROMPT_ENCODERS, TUNERS, AdaptionPromptModel, PromptLearner
+from fastlora.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 
 __all__ = [
     "PeftModel",
@@ -176,6 +177,14 @@ class PeftModel(nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._tuner.delete_adapter(adapter_name)
+
+    def get_layer_status(self) -> list[TunerLayerStatus]:
+        """What each adapter layer holds, runs and trains (``fastlora.status``)."""
+        return get_layer_status(self)
+
+    def get_model_status(self) -> TunerModelStatus:
+        """The layers' statuses summed up, ``"irregular"`` where they disagree (``fastlora.status``)."""
+        return get_model_status(self)
 
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
         """Turn gradients of ``adapter_names`` on (default) or off, whether they are active or not; what is
