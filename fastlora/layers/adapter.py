@@ -89,6 +89,17 @@ class AdapterLayer(nn.Module):
                 if name in names:
                     item.requires_grad_(requires_grad)
 
+    def set_training(self, adapter_names: str | Iterable[str], training: bool = True) -> None:
+        """Put ``adapter_names``' own submodules (their dropout, say) in training or eval mode, apart from the
+        layer's (PEFT 0.22's)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for table in self.adapter_layer_names + self.other_param_names:
+            held = getattr(self, table, None)
+            if isinstance(held, nn.ModuleDict):
+                for name in names:
+                    if name in held:
+                        held[name].train(training)
+
     def enable_adapters(self, enabled: bool) -> None:
         if not enabled and self.merged:
             self.unmerge()

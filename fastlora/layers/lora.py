@@ -83,7 +83,9 @@ class LoraLinear(AdapterLayer):
             dtype = torch.float32
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=dtype)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, device=weight.device, dtype=dtype)
-        self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
+        # in the layer's mode: the forward follows the dropout module's own (a new module starts in training)
+        dropout = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
+        self.lora_dropout[adapter_name] = dropout.train(self.training)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
@@ -124,8 +126,9 @@ class LoraLinear(AdapterLayer):
         first = active[0]
         lora_B, lora_dropout = modules["lora_B"]._modules, modules["lora_dropout"]._modules
         dropout = lora_dropout[first]
+        # the dropout module's own mode, as PEFT's forward calls it (set_training can put it apart from the layer's)
         lora_args = (_param(lora_A[first], "weight"), _param(lora_B[first], "weight"), self.scaling[first],
-                     dropout.p if isinstance(dropout, nn.Dropout) else 0.0, self.training)
+                     dropout.p if isinstance(dropout, nn.Dropout) else 0.0, dropout.training)
         if isinstance(base, LinearNF4):
             dtype = x.dtype
             xc = x if base.compute_dtype is None else x.to(base.compute_dtype)

@@ -60,6 +60,11 @@ class ModulesToSaveWrapper(nn.Module):
             if name in names:
                 module.requires_grad_(requires_grad)
 
+    def set_training(self, adapter_names: str | list[str], training: bool = True) -> None:
+        for name in [adapter_names] if isinstance(adapter_names, str) else adapter_names:
+            if name in self.modules_to_save:
+                self.modules_to_save[name].train(training)
+
     def enable_adapters(self, enabled: bool) -> None:
         self._disable_adapters = not enabled
 

@@ -131,7 +131,8 @@ class SVDLinear(AdapterLayer):
         # Frozen, not saved: scaling divides by it, and it stays init_r when a pruned adapter is loaded.
         self.ranknum[adapter_name] = nn.Parameter(
             torch.full((1,), float(r if ranknum is None else ranknum), **kwargs), requires_grad=False)
-        self.lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0.0 else nn.Identity()
+        dropout = nn.Dropout(lora_dropout) if lora_dropout > 0.0 else nn.Identity()
+        self.lora_dropout[adapter_name] = dropout.train(self.training)  # the layer's mode (see LoraLinear)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha if lora_alpha > 0 else float(r)
@@ -168,7 +169,7 @@ class SVDLinear(AdapterLayer):
         first, *rest = active
         a = self.lora_A[first] * self.lora_E[first]  # [r, in] * [r, 1]: E folded into A
         y = lora_linear(x, self._base_weight(), self.base_layer.bias, a, self.lora_B[first], self._scale(first),
-                        self._dropout_p(first), self.training)
+                        self._dropout_p(first), self.lora_dropout[first].training)  # its own mode, as in PEFT
         for name in rest:  # several adapters at once: rare, plain PyTorch
             a = self.lora_A[name] * self.lora_E[name]
             xd = self.lora_dropout[name](x).to(a.dtype)
