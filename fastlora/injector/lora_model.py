@@ -16,6 +16,7 @@ from fastlora.injector.match import pattern_value
 from fastlora.injector.mixed_batch import mixed_adapter_batch
 from fastlora.injector.targets import LORA_TARGET_MODULES
 from fastlora.injector.tuner import AdapterTuner
+from fastlora.injector.weighted import add_weighted_adapter
 from fastlora.layers import LoraLinear
 
 __all__ = ["LoraModel"]
@@ -60,6 +61,8 @@ class LoraModel(AdapterTuner):
             pattern_value(key, config.alpha_pattern, config.lora_alpha), config.lora_dropout,
             config.init_lora_weights, config.use_rslora, dtype,
         )
+
+    add_weighted_adapter = add_weighted_adapter  # see fastlora.injector.weighted
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: list[str] | None = None, requantize: bool = False) -> nn.Module:
