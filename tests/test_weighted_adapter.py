@@ -122,3 +122,23 @@ def test_bad_requests_are_refused_and_change_nothing(tiny_llama):
     assert sorted(ours.peft_config) == ["a", "b"]
     after = ours.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_a_combination_that_fails_halfway_leaves_no_adapter_behind(tiny_llama, monkeypatch):
+    ours, _ = _pair(tiny_llama())
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    calls = []
+
+    def svd_failing_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.linalg.LinAlgError("did not converge")
+        return svd(*args, **kwargs)
+
+    svd = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", svd_failing_second)
+    with pytest.raises(torch.linalg.LinAlgError):
+        ours.add_weighted_adapter(["a", "b"], [1.0, 1.0], "mix")
+    assert len(calls) == 2 and sorted(ours.peft_config) == ["a", "b"]
+    after = ours.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)

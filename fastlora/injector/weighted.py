@@ -87,12 +87,16 @@ def add_weighted_adapter(tuner, adapters: list[str], weights: list[float], adapt
     combination = "linear" if len(adapters) == 1 else combination_type
     tuner.inject_adapter(_new_config(tuner, adapters, combination, svd_rank), adapter_name)
     tuner._freeze_adapter(adapter_name)
-    with torch.no_grad():
-        for module in tuner.model.modules():
-            if isinstance(module, LoraLinear) and adapter_name in module.lora_A:
-                held = [(name, w) for name, w in zip(adapters, weights) if name in module.lora_A]
-                if held:
-                    _combine(module, adapter_name, held, combination, svd_clamp, svd_full_matrices, svd_driver)
+    try:
+        with torch.no_grad():
+            for module in tuner.model.modules():
+                if isinstance(module, LoraLinear) and adapter_name in module.lora_A:
+                    held = [(name, w) for name, w in zip(adapters, weights) if name in module.lora_A]
+                    if held:
+                        _combine(module, adapter_name, held, combination, svd_clamp, svd_full_matrices, svd_driver)
+    except BaseException:  # an SVD that fails, an interrupt: no half-made adapter stays behind
+        tuner.delete_adapter(adapter_name)
+        raise
 
 
 def _combine(layer: LoraLinear, new: str, held: list[tuple[str, float]], combination: str, clamp, full_matrices,
