@@ -1,6 +1,7 @@
-"""``add_weighted_adapter`` against PEFT's: the same source adapters (same weights, copied) combined with
-"linear", "cat" and "svd" give the same new adapter, tensor for tensor (for svd: the same update B A,
-since singular vectors are fixed only up to sign), the same outputs and a config PEFT reads.
+"""``add_weighted_adapter`` against PEFT's: the same source adapters (same weights, copied) combined in
+each of PEFT's ways give the same new adapter, tensor for tensor (for the svd ones: the same update B A,
+since singular vectors are fixed only up to sign; for dare: after the same ``torch.manual_seed``), the same
+outputs and a config PEFT reads.
 """
 
 from __future__ import annotations
@@ -55,6 +56,15 @@ COMBINATIONS = [
     dict(combination_type="cat"),
     dict(combination_type="svd"),
     dict(combination_type="svd", svd_rank=3, svd_clamp=0.9),
+    dict(combination_type="ties", density=0.5),
+    dict(combination_type="ties", density=0.3, majority_sign_method="frequency"),
+    dict(combination_type="magnitude_prune", density=0.5),
+    dict(combination_type="dare_linear", density=0.5),
+    dict(combination_type="dare_ties", density=0.7),
+    dict(combination_type="ties_svd", density=0.5, svd_rank=3),
+    dict(combination_type="dare_linear_svd", density=0.5),
+    dict(combination_type="dare_ties_svd", density=0.6, majority_sign_method="frequency"),
+    dict(combination_type="magnitude_prune_svd", density=0.4),
 ]
 
 
@@ -62,6 +72,7 @@ COMBINATIONS = [
 def test_weighted_adapter_matches_peft(kwargs, tiny_llama):
     ours, theirs = _pair(tiny_llama())
     for model in (ours, theirs):
+        torch.manual_seed(0)  # dare's random pruning
         model.add_weighted_adapter(["a", "b"], [0.7, -0.3], "mix", **kwargs)
     trainable = lambda m: [n for n, p in m.named_parameters() if p.requires_grad]  # noqa: E731
     assert trainable(ours) == trainable(theirs) and not any(".mix." in n for n in trainable(ours))  # frozen
@@ -69,7 +80,7 @@ def test_weighted_adapter_matches_peft(kwargs, tiny_llama):
     assert ours.peft_config["mix"].r == theirs.peft_config["mix"].r
     ours_sd, theirs_sd = ours.state_dict(), theirs.state_dict()
     assert list(ours_sd) == list(theirs_sd)
-    if kwargs["combination_type"] != "svd":
+    if not kwargs["combination_type"].endswith("svd"):
         for key in ours_sd:
             torch.testing.assert_close(ours_sd[key], theirs_sd[key], **TOL)
     ours_d, theirs_d = _deltas(ours, "mix"), _deltas(theirs, "mix")
@@ -111,8 +122,10 @@ def test_bad_requests_are_refused_and_change_nothing(tiny_llama):
         (dict(adapters=["a", "b"], weights=[1.0], adapter_name="x"), ValueError, "one weight per adapter"),
         (dict(adapters=["a", "b"], weights=[1.0, 1.0], adapter_name="x", combination_type="linear"), ValueError,
          "one rank"),
-        (dict(adapters=["a", "b"], weights=[1.0, 1.0], adapter_name="x", combination_type="ties"),
-         NotImplementedError, "ties"),
+        (dict(adapters=["a", "b"], weights=[1.0, 1.0], adapter_name="x", combination_type="ties_svd"), ValueError,
+         "give density"),
+        (dict(adapters=["a", "b"], weights=[1.0, 1.0], adapter_name="x", combination_type="dare_ties_svd",
+              density=0.5, majority_sign_method="most"), ValueError, "majority_sign_method"),
         (dict(adapters=["a", "b"], weights=[1.0, 1.0], adapter_name="x", combination_type="avg"), ValueError,
          "unknown combination_type"),
     ]

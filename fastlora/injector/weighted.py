@@ -1,19 +1,25 @@
 """``LoraModel.add_weighted_adapter``: a new LoRA adapter made from weighted existing ones (PEFT's).
 
-Three of PEFT's combinations, computed as PEFT computes them so that the same adapters give the same new
-one:
-- ``"linear"`` (equal ranks): A = sum_i sign(w_i s_i) sqrt|w_i s_i| A_i, B = sum_i sqrt|w_i s_i| B_i, with
-  s_i adapter i's scaling. Not the weighted sum of the updates B_i A_i (that is ``"svd"``), but cheap and
-  of the same rank.
+Every one of PEFT's combinations, computed as PEFT computes them so that the same adapters (and, for the
+random ``dare`` ones, the same ``torch.manual_seed``) give the same new adapter. With s_i adapter i's
+scaling and w_i its weight:
 - ``"cat"``: the A_i (times w_i s_i) stacked and the B_i side by side: exactly the weighted sum of the
   updates, at the sum of the ranks.
-- ``"svd"`` (default): the weighted sum of the updates, truncated to ``svd_rank`` (default: the largest
-  rank) by a singular value decomposition; ``svd_clamp`` clips the factors at that quantile of their
-  entries.
+- ``"svd"`` (default): the weighted sum of the updates B_i A_i s_i, truncated to ``svd_rank`` (default: the
+  largest rank) by a singular value decomposition; ``svd_clamp`` clips the factors at that quantile of
+  their entries.
+- ``"linear"`` (equal ranks): A = sum_i sign(w_i s_i) sqrt|w_i s_i| A_i, B = sum_i sqrt|w_i s_i| B_i. Not
+  the weighted sum of the updates (that is ``"svd"``), but cheap and of the same rank.
+- ``"ties"``, ``"dare_linear"``, ``"dare_ties"``, ``"magnitude_prune"``: like ``"linear"``, on the A_i and on
+  the B_i, after pruning each to a fraction ``density`` of its entries, by magnitude (ties, magnitude_prune)
+  or at random, rescaled by 1 / density (dare). The ties variants then keep, entry by entry, only the
+  sources whose sign agrees with the majority (``majority_sign_method``: "total", the sign of the sum, or
+  "frequency", the commoner sign) and average those.
+- ``"<one of those>_svd"``: the same rule on the updates B_i A_i s_i, then truncated as ``"svd"`` is.
 
 The new adapter has ``lora_alpha = r`` (scaling 1), targets what any of its sources targets, starts
 frozen and inactive, and saves and loads like any other. Where a layer lacks some sources, only those it
-holds contribute there. PEFT's pruning combinations (ties, dare, magnitude_prune) are not implemented.
+holds contribute there.
 """
 
 from __future__ import annotations
@@ -27,9 +33,19 @@ from fastlora.layers import LoraLinear, ModulesToSaveWrapper
 
 __all__ = ["COMBINATIONS", "add_weighted_adapter"]
 
-COMBINATIONS = ("svd", "linear", "cat")
-_NOT_IMPLEMENTED = ("ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd",
-                    "magnitude_prune", "magnitude_prune_svd")
+# rule -> (pruning, sign election)
+_RULES = {"linear": (None, False), "magnitude_prune": ("magnitude", False), "ties": ("magnitude", True),
+          "dare_linear": ("random", False), "dare_ties": ("random", True)}
+COMBINATIONS = ("svd", "cat", *_RULES, *(f"{rule}_svd" for rule in _RULES if rule != "linear"))
+
+
+def _rule(combination: str) -> tuple[str, bool]:
+    """(the mixing rule, whether the result is factored by SVD) of a combination other than "cat"."""
+    if combination == "svd":
+        return "linear", True
+    if combination.endswith("_svd"):
+        return combination.removesuffix("_svd"), True
+    return combination, False
 
 
 def _max_rank(config) -> int:
@@ -40,13 +56,13 @@ def _new_config(tuner, adapters: list[str], combination: str, svd_rank: int | No
     """The combined adapter's config (every check before anything changes)."""
     configs = [tuner.peft_config[name] for name in adapters]
     ranks = [_max_rank(config) for config in configs]
-    if combination == "linear":
-        if len(set(ranks)) != 1:
-            raise ValueError(f"combination_type='linear' needs adapters of one rank, got ranks {ranks}; "
-                             f"'cat' or 'svd' combine different ranks")
-        rank = ranks[0]
-    elif combination == "cat":
+    if combination == "cat":
         rank = sum(ranks)
+    elif not _rule(combination)[1]:
+        if len(set(ranks)) != 1:
+            raise ValueError(f"combination_type={combination!r} needs adapters of one rank, got ranks {ranks}; "
+                             f"'cat' or an svd combination combine different ranks")
+        rank = ranks[0]
     else:
         if svd_rank is not None and svd_rank <= 0:
             raise ValueError(f"svd_rank must be > 0, got {svd_rank}")
@@ -68,11 +84,14 @@ def add_weighted_adapter(tuner, adapters: list[str], weights: list[float], adapt
                          svd_full_matrices: bool = True, svd_driver: str | None = None, density: float | None = None,
                          majority_sign_method: str = "total") -> None:
     """Add ``adapter_name`` to ``tuner`` (a ``LoraModel``) from ``adapters`` weighted by ``weights``."""
-    if combination_type in _NOT_IMPLEMENTED:
-        raise NotImplementedError(f"combination_type={combination_type!r} is not implemented in fastlora; "
-                                  f"one of {', '.join(COMBINATIONS)}")
     if combination_type not in COMBINATIONS:
         raise ValueError(f"unknown combination_type {combination_type!r}; one of {', '.join(COMBINATIONS)}")
+    if combination_type != "cat" and _RULES[_rule(combination_type)[0]][0] is not None:
+        if density is None or not 0.0 <= density <= 1.0:
+            raise ValueError(f"combination_type={combination_type!r} prunes: give density, the fraction of entries "
+                             f"kept, in [0, 1] (got {density!r})")
+    if majority_sign_method not in ("total", "frequency"):
+        raise ValueError(f"majority_sign_method must be 'total' or 'frequency', got {majority_sign_method!r}")
     adapters, weights = list(adapters), [float(w) for w in weights]
     if not adapters or len(adapters) != len(weights):
         raise ValueError(f"give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights")
@@ -93,42 +112,71 @@ def add_weighted_adapter(tuner, adapters: list[str], weights: list[float], adapt
                 if isinstance(module, LoraLinear) and adapter_name in module.lora_A:
                     held = [(name, w) for name, w in zip(adapters, weights) if name in module.lora_A]
                     if held:
-                        _combine(module, adapter_name, held, combination, svd_clamp, svd_full_matrices, svd_driver)
+                        _combine(module, adapter_name, held, combination, density, majority_sign_method,
+                                 svd_clamp, svd_full_matrices, svd_driver)
     except BaseException:  # an SVD that fails, an interrupt: no half-made adapter stays behind
         tuner.delete_adapter(adapter_name)
         raise
 
 
-def _combine(layer: LoraLinear, new: str, held: list[tuple[str, float]], combination: str, clamp, full_matrices,
-             driver) -> None:
+def _combine(layer: LoraLinear, new: str, held: list[tuple[str, float]], combination: str, density, sign_method,
+             clamp, full_matrices, driver) -> None:
     a_new, b_new = layer.lora_A[new].weight, layer.lora_B[new].weight
     if combination == "cat":
         a = torch.cat([layer.lora_A[name].weight * w * layer.scaling[name] for name, w in held], dim=0)
         b = torch.cat([layer.lora_B[name].weight for name, w in held], dim=1)
-    elif combination == "linear":
-        scaled = [w * layer.scaling[name] for name, w in held]
-        a = _weighted_sum([layer.lora_A[name].weight for name, _ in held],
-                          [math.sqrt(abs(s)) * (1 if s >= 0 else -1) for s in scaled])
-        b = _weighted_sum([layer.lora_B[name].weight for name, _ in held], [math.sqrt(abs(s)) for s in scaled])
     else:
-        delta = _weighted_sum([layer.get_delta_weight(name) for name, _ in held], [w for _, w in held])
-        if layer.fan_in_fan_out:
-            delta = delta.t()  # back to [out, in]
-        u, s, vh = torch.linalg.svd(delta, full_matrices=full_matrices, driver=driver)
-        rank = a_new.shape[0]
-        b, a = u[:, :rank] @ torch.diag(s[:rank]), vh[:rank, :]
-        if clamp is not None:
-            high = torch.quantile(torch.cat([b.flatten(), a.flatten()]), clamp)
-            b, a = b.clamp(-high, high), a.clamp(-high, high)
+        rule, factored = _rule(combination)
+        mix = lambda tensors, weights: _mix(tensors, weights, rule, density, sign_method)  # noqa: E731
+        if factored:
+            delta = mix([layer.get_delta_weight(name) for name, _ in held], [w for _, w in held])
+            b, a = _factor(delta.t() if layer.fan_in_fan_out else delta, a_new.shape[0], clamp, full_matrices, driver)
+        else:
+            scaled = [w * layer.scaling[name] for name, w in held]
+            a = mix([layer.lora_A[name].weight for name, _ in held],
+                    [math.sqrt(abs(s)) * (1 if s >= 0 else -1) for s in scaled])
+            b = mix([layer.lora_B[name].weight for name, _ in held], [math.sqrt(abs(s)) for s in scaled])
     a_new.zero_()
     b_new.zero_()
     a_new[: a.shape[0]].copy_(a)
     b_new[:, : b.shape[1]].copy_(b)
 
 
-def _weighted_sum(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    """sum_i w_i t_i, as PEFT's task arithmetic computes it (one stacked multiply, one sum, fp32 weights)."""
+def _factor(delta: torch.Tensor, rank: int, clamp, full_matrices, driver) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) of rank ``rank`` from ``delta`` [out, in]: B = U S, A = V^T, clipped at the ``clamp`` quantile."""
+    u, s, vh = torch.linalg.svd(delta, full_matrices=full_matrices, driver=driver)
+    b, a = u[:, :rank] @ torch.diag(s[:rank]), vh[:rank, :]
+    if clamp is not None:
+        high = torch.quantile(torch.cat([b.flatten(), a.flatten()]), clamp)
+        b, a = b.clamp(-high, high), a.clamp(-high, high)
+    return b, a
+
+
+def _mix(tensors: list[torch.Tensor], weights: list[float], rule: str, density, sign_method) -> torch.Tensor:
+    """The weighted combination of ``tensors`` by ``rule`` (module docstring), in PEFT's order of operations
+    (one stacked multiply and sum, fp32 weights; pruned tensors drawn in order)."""
+    pruning, elect = _RULES[rule]
+    if pruning is not None and density < 1.0:  # density 1 keeps everything (PEFT: with a warning)
+        tensors = [_keep_largest(t, density) if pruning == "magnitude" else _keep_random(t, density)
+                   for t in tensors]
     stacked = torch.stack(tensors, dim=0)
     w = torch.tensor(weights, device=stacked.device).view(-1, *[1] * (stacked.dim() - 1))
-    return (stacked * w).sum(dim=0).to(tensors[0].dtype)
+    weighted = stacked * w
+    if not elect:
+        return weighted.sum(dim=0).to(tensors[0].dtype)
+    signs = stacked.sign()
+    votes = stacked.sum(dim=0) if sign_method == "total" else signs.sum(dim=0)
+    agree = signs == torch.where(votes >= 0, 1, -1)
+    return ((weighted * agree).sum(dim=0) / agree.sum(dim=0).clamp(min=1.0)).to(tensors[0].dtype)
 
+
+def _keep_largest(t: torch.Tensor, density: float) -> torch.Tensor:
+    """``t`` with all but its ``int(density * numel)`` largest-magnitude entries zeroed."""
+    keep = torch.zeros(t.numel(), dtype=t.dtype, device=t.device)
+    keep[torch.topk(t.abs().reshape(-1), k=int(density * t.numel()), largest=True).indices] = 1
+    return t * keep.view(t.shape)
+
+
+def _keep_random(t: torch.Tensor, density: float) -> torch.Tensor:
+    """``t`` with each entry kept with probability ``density`` (torch's generator), rescaled by 1 / density."""
+    return t * torch.bernoulli(torch.full_like(t, density)) / density
