@@ -20,11 +20,12 @@ IDS = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
 
 
 def _sources(base, lib, targets, fan_in_fan_out=False):
-    """A model with adapters "a" (r 4, alpha 8) and "b" (r 4, alpha 4; r 6 where asked), B not zero."""
+    """A model with adapters "one" (r 4, alpha 8) and "two" (r 4, alpha 4; r 6 where asked), B not zero.
+    (Not "a" and "b": PEFT warns that a name inside its prefix "lora_" may be re-initialized on loading.)"""
     common = dict(task_type="CAUSAL_LM", init_lora_weights=False, fan_in_fan_out=fan_in_fan_out)
     model = lib.get_peft_model(copy.deepcopy(base), lib.LoraConfig(r=4, lora_alpha=8, target_modules=targets[0],
-                                                                   **common), adapter_name="a")
-    model.add_adapter("b", lib.LoraConfig(r=targets[2], lora_alpha=4, target_modules=targets[1], **common))
+                                                                   **common), adapter_name="one")
+    model.add_adapter("two", lib.LoraConfig(r=targets[2], lora_alpha=4, target_modules=targets[1], **common))
     return model
 
 
@@ -73,7 +74,7 @@ def test_weighted_adapter_matches_peft(kwargs, tiny_llama):
     ours, theirs = _pair(tiny_llama())
     for model in (ours, theirs):
         torch.manual_seed(0)  # dare's random pruning
-        model.add_weighted_adapter(["a", "b"], [0.7, -0.3], "mix", **kwargs)
+        model.add_weighted_adapter(["one", "two"], [0.7, -0.3], "mix", **kwargs)
     trainable = lambda m: [n for n, p in m.named_parameters() if p.requires_grad]  # noqa: E731
     assert trainable(ours) == trainable(theirs) and not any(".mix." in n for n in trainable(ours))  # frozen
     assert set(ours.peft_config["mix"].target_modules) == set(theirs.peft_config["mix"].target_modules)
@@ -92,10 +93,10 @@ def test_weighted_adapter_matches_peft(kwargs, tiny_llama):
 
 def test_cat_is_the_weighted_sum_of_the_updates_and_svd_of_full_rank_too(tiny_llama):
     ours, _ = _pair(tiny_llama(), targets=(["q_proj"], ["q_proj"], 6))  # ranks 4 and 6
-    ours.add_weighted_adapter(["a", "b"], [0.5, 2.0], "cat", combination_type="cat")
-    ours.add_weighted_adapter(["a", "b"], [0.5, 2.0], "svd", combination_type="svd", svd_rank=10)
+    ours.add_weighted_adapter(["one", "two"], [0.5, 2.0], "cat", combination_type="cat")
+    ours.add_weighted_adapter(["one", "two"], [0.5, 2.0], "svd", combination_type="svd", svd_rank=10)
     layer = ours.base_model.model.model.layers[0].self_attn.q_proj
-    expected = 0.5 * layer.get_delta_weight("a") + 2.0 * layer.get_delta_weight("b")
+    expected = 0.5 * layer.get_delta_weight("one") + 2.0 * layer.get_delta_weight("two")
     for name in ("cat", "svd"):
         assert layer.lora_A[name].weight.shape[0] == 10 and layer.scaling[name] == 1.0
         torch.testing.assert_close(layer.get_delta_weight(name), expected, rtol=1e-4, atol=1e-5)
@@ -105,7 +106,7 @@ def test_gpt2_conv1d_layers_combine_as_in_peft(tiny_gpt2, tmp_path):
     targets = (["c_attn"], ["c_attn", "c_fc"], 4)
     ours, theirs = _pair(tiny_gpt2(), targets=targets, fan_in_fan_out=True)
     for model in (ours, theirs):
-        model.add_weighted_adapter(["a", "b"], [1.0, 0.5], "mix", combination_type="svd")
+        model.add_weighted_adapter(["one", "two"], [1.0, 0.5], "mix", combination_type="svd")
     torch.testing.assert_close(_logits(ours, "mix"), _logits(theirs, "mix"), rtol=1e-4, atol=1e-5)
     ours.save_pretrained(tmp_path, selected_adapters=["mix"])  # a combined adapter saves and PEFT loads it
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(theirs.get_base_model()), tmp_path / "mix",
@@ -117,22 +118,22 @@ def test_bad_requests_are_refused_and_change_nothing(tiny_llama):
     ours, _ = _pair(tiny_llama(), targets=(["q_proj"], ["q_proj"], 6))
     before = {k: v.clone() for k, v in ours.state_dict().items()}
     cases = [
-        (dict(adapters=["a", "b"], weights=[1.0, 1.0], adapter_name="a"), ValueError, "already exists"),
-        (dict(adapters=["a", "nope"], weights=[1.0, 1.0], adapter_name="x"), ValueError, "unknown adapter 'nope'"),
-        (dict(adapters=["a", "b"], weights=[1.0], adapter_name="x"), ValueError, "one weight per adapter"),
-        (dict(adapters=["a", "b"], weights=[1.0, 1.0], adapter_name="x", combination_type="linear"), ValueError,
+        (dict(adapters=["one", "two"], weights=[1.0, 1.0], adapter_name="one"), ValueError, "already exists"),
+        (dict(adapters=["one", "nope"], weights=[1.0, 1.0], adapter_name="x"), ValueError, "unknown adapter 'nope'"),
+        (dict(adapters=["one", "two"], weights=[1.0], adapter_name="x"), ValueError, "one weight per adapter"),
+        (dict(adapters=["one", "two"], weights=[1.0, 1.0], adapter_name="x", combination_type="linear"), ValueError,
          "one rank"),
-        (dict(adapters=["a", "b"], weights=[1.0, 1.0], adapter_name="x", combination_type="ties_svd"), ValueError,
+        (dict(adapters=["one", "two"], weights=[1.0, 1.0], adapter_name="x", combination_type="ties_svd"), ValueError,
          "give density"),
-        (dict(adapters=["a", "b"], weights=[1.0, 1.0], adapter_name="x", combination_type="dare_ties_svd",
+        (dict(adapters=["one", "two"], weights=[1.0, 1.0], adapter_name="x", combination_type="dare_ties_svd",
               density=0.5, majority_sign_method="most"), ValueError, "majority_sign_method"),
-        (dict(adapters=["a", "b"], weights=[1.0, 1.0], adapter_name="x", combination_type="avg"), ValueError,
+        (dict(adapters=["one", "two"], weights=[1.0, 1.0], adapter_name="x", combination_type="avg"), ValueError,
          "unknown combination_type"),
     ]
     for kwargs, error, match in cases:
         with pytest.raises(error, match=match):
             ours.add_weighted_adapter(**kwargs)
-    assert sorted(ours.peft_config) == ["a", "b"]
+    assert sorted(ours.peft_config) == ["one", "two"]
     after = ours.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
 
@@ -151,7 +152,7 @@ def test_a_combination_that_fails_halfway_leaves_no_adapter_behind(tiny_llama, m
     svd = torch.linalg.svd
     monkeypatch.setattr(torch.linalg, "svd", svd_failing_second)
     with pytest.raises(torch.linalg.LinAlgError):
-        ours.add_weighted_adapter(["a", "b"], [1.0, 1.0], "mix")
-    assert len(calls) == 2 and sorted(ours.peft_config) == ["a", "b"]
+        ours.add_weighted_adapter(["one", "two"], [1.0, 1.0], "mix")
+    assert len(calls) == 2 and sorted(ours.peft_config) == ["one", "two"]
     after = ours.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
