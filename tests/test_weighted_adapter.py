@@ -156,3 +156,17 @@ def test_a_combination_that_fails_halfway_leaves_no_adapter_behind(tiny_llama, m
     assert len(calls) == 2 and sorted(ours.peft_config) == ["one", "two"]
     after = ours.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_a_layer_that_only_the_union_of_targets_reaches_gets_no_update(tiny_llama):
+    """The new adapter takes the first source's config with the union of the targets, so it can reach a
+    layer that no source adapts (here layer 0's v_proj): there its update is zero, not its random init."""
+    common = dict(r=4, init_lora_weights=False)
+    model = fastlora.get_peft_model(tiny_llama(), fastlora.LoraConfig(target_modules=["q_proj"], layers_to_transform=[0],
+                                                                      **common), adapter_name="one")
+    model.add_adapter("two", fastlora.LoraConfig(target_modules=["v_proj"], layers_to_transform=[1], **common))
+    model.add_weighted_adapter(["one", "two"], [1.0, 1.0], "mix", combination_type="cat")
+    attn = model.base_model.model.model.layers[0].self_attn
+    assert "mix" in attn.v_proj.lora_A and "one" not in attn.v_proj.lora_A
+    assert attn.v_proj.get_delta_weight("mix").abs().sum() == 0
+    torch.testing.assert_close(attn.q_proj.get_delta_weight("mix"), attn.q_proj.get_delta_weight("one"))

@@ -114,6 +114,9 @@ def add_weighted_adapter(tuner, adapters: list[str], weights: list[float], adapt
                     if held:
                         _combine(module, adapter_name, held, combination, density, majority_sign_method,
                                  svd_clamp, svd_full_matrices, svd_driver)
+                    else:  # targeted only by the union of targets (say, other layers_to_transform): no update
+                        module.lora_A[adapter_name].weight.zero_()
+                        module.lora_B[adapter_name].weight.zero_()
     except BaseException:  # an SVD that fails, an interrupt: no half-made adapter stays behind
         tuner.delete_adapter(adapter_name)
         raise
