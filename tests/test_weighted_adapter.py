@@ -162,8 +162,8 @@ def test_a_layer_that_only_the_union_of_targets_reaches_gets_no_update(tiny_llam
     """The new adapter takes the first source's config with the union of the targets, so it can reach a
     layer that no source adapts (here layer 0's v_proj): there its update is zero, not its random init."""
     common = dict(r=4, init_lora_weights=False)
-    model = fastlora.get_peft_model(tiny_llama(), fastlora.LoraConfig(target_modules=["q_proj"], layers_to_transform=[0],
-                                                                      **common), adapter_name="one")
+    first = fastlora.LoraConfig(target_modules=["q_proj"], layers_to_transform=[0], **common)
+    model = fastlora.get_peft_model(tiny_llama(), first, adapter_name="one")
     model.add_adapter("two", fastlora.LoraConfig(target_modules=["v_proj"], layers_to_transform=[1], **common))
     model.add_weighted_adapter(["one", "two"], [1.0, 1.0], "mix", combination_type="cat")
     attn = model.base_model.model.model.layers[0].self_attn
