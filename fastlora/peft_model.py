@@ -121,7 +121,7 @@ class PeftModel(nn.Module):
 
     @property
     def peft_type(self) -> PeftType:
-        return PeftType(self.peft_config[self.active_adapters[0]].peft_type)
+        return PeftType(self.active_peft_config.peft_type)
 
     @property
     def modules_to_save(self) -> set[str] | None:
@@ -178,6 +178,14 @@ class PeftModel(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         self._tuner.delete_adapter(adapter_name)
 
+    def _layer_tuner(self, what: str) -> nn.Module:
+        """The tuner whose adapters live in per-layer tensors; TypeError (as PEFT raises) for prompt learning
+        and adaption prompt, which have none, naming ``what`` was asked."""
+        if self._is_prompt_learning or self.peft_type == PeftType.ADAPTION_PROMPT:
+            raise TypeError(f"{what} is not supported for {self.peft_type.value} (as in PEFT): its adapters are "
+                            f"not per-layer tensors")
+        return self.base_model
+
     def get_layer_status(self) -> list[TunerLayerStatus]:
         """What each adapter layer holds, runs and trains (``fastlora.status``)."""
         return get_layer_status(self)
@@ -189,10 +197,7 @@ class PeftModel(nn.Module):
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
         """Turn gradients of ``adapter_names`` on (default) or off, whether they are active or not; what is
         active does not change. Not for prompt learning (as in PEFT)."""
-        if self._is_prompt_learning or self.peft_type == PeftType.ADAPTION_PROMPT:
-            raise TypeError(f"set_requires_grad is not supported for {self.peft_type.value} (its adapters are not "
-                            f"per-layer tensors; PEFT has none for it either)")
-        self._tuner.set_requires_grad(adapter_names, requires_grad)
+        self._layer_tuner("set_requires_grad").set_requires_grad(adapter_names, requires_grad)
 
     # ---- checkpoints ----------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,

@@ -14,7 +14,6 @@ from typing import Literal
 
 from torch import nn
 
-from fastlora.config import PeftType
 from fastlora.layers import LinearNF4, ModulesToSaveWrapper
 from fastlora.layers.adapter import AdapterLayer
 
@@ -53,11 +52,11 @@ class TunerModelStatus:
     quantization_backend: str | None | Irregular
 
 
-def _same(values, empty=None):
-    """The one value all of ``values`` share, else "irregular" (``empty`` when there are none)."""
+def _same(values):
+    """The one value all of ``values`` share, else "irregular" (None when there are none)."""
     values = list(values)
     if not values:
-        return empty
+        return None
     first = values[0]
     return first if all(v == first for v in values[1:]) else "irregular"
 
@@ -100,20 +99,12 @@ def _layer_status(name: str, module: nn.Module) -> TunerLayerStatus:
     )
 
 
-def _tuner(model: nn.Module, what: str) -> nn.Module:
-    from fastlora.peft_model import PeftModel
-
-    if not isinstance(model, PeftModel):
-        return model
-    if model._is_prompt_learning or model.peft_type == PeftType.ADAPTION_PROMPT:
-        raise TypeError(f"{what}() does not support {model.peft_type.value} (as in PEFT): it has no adapter layers")
-    return model.base_model
-
-
 def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
     """One ``TunerLayerStatus`` per adapter layer and modules_to_save copy of ``model`` (a ``PeftModel``, or
     any model fastlora injected adapters into)."""
-    tuner = _tuner(model, "get_layer_status")
+    from fastlora.peft_model import PeftModel
+
+    tuner = model._layer_tuner("get_layer_status") if isinstance(model, PeftModel) else model
     status = [_layer_status(name, module) for name, module in tuner.named_modules()
               if isinstance(module, (AdapterLayer, ModulesToSaveWrapper))]
     if not status:
