@@ -380,8 +380,13 @@ def _time_cpu_interleaved(calls, budget_s, min_rounds, max_rounds, warmup_rounds
     finally:
         if gc_was_enabled:
             gc.enable()
-    return {key: Stats(*_quantiles_ms(samples[key]), samples=len(samples[key]), timer="perf_counter",
-                       seconds=tuple(samples[key]), **_median_interval_ms(samples[key])) for key in keys}
+    return {key: _cpu_stats(samples[key]) for key in keys}
+
+
+def _cpu_stats(seconds: list[float]) -> Stats:
+    """The ``Stats`` of one call's CPU samples, in round order."""
+    return Stats(*_quantiles_ms(seconds), samples=len(seconds), timer="perf_counter", seconds=tuple(seconds),
+                 **_median_interval_ms(seconds))
 
 
 def _time_cuda(fn: Callable[[], object], budget_s: float) -> Stats:

@@ -4,7 +4,6 @@ rounds with what the report calls beyond noise."""
 
 from __future__ import annotations
 
-import math
 import random
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ if str(ROOT) not in sys.path:  # bench/ ships with the repository, not the packa
     sys.path.insert(0, str(ROOT))
 
 from bench import lora_linear, report  # noqa: E402
-from bench.common import Stats, environment, paired_ratio, time_calls  # noqa: E402
+from bench.common import Stats, _cpu_stats, environment, paired_ratio, time_calls  # noqa: E402
 
 
 def _cpuinfo(family: int, model: int, flags: str) -> str:
@@ -70,16 +69,6 @@ def test_trade_weights_swaps_each_pair_and_changes_no_output():
     assert [[w.data_ptr() for w in pair] for pair in pairs] == storages
 
 
-def _stats(seconds: list[float]) -> Stats:
-    """What the CPU timer returns for these samples."""
-    ordered = sorted(seconds)
-    n = len(ordered)
-    half = 1.96 * math.sqrt(n) / 2
-    lo, hi = ordered[max(0, math.floor(n / 2 - half))], ordered[min(n - 1, math.ceil(n / 2 + half) - 1)]
-    return Stats(ordered[n // 2] * 1e3, ordered[n // 5] * 1e3, ordered[4 * n // 5] * 1e3, samples=n,
-                 timer="perf_counter", p50_lo_ms=lo * 1e3, p50_hi_ms=hi * 1e3, seconds=tuple(seconds))
-
-
 def _row(stats: Stats, **paired) -> dict:
     return {"p50_ms": stats.p50_ms, "p50_lo_ms": stats.p50_lo_ms, "p50_hi_ms": stats.p50_hi_ms, **paired}
 
@@ -89,7 +78,7 @@ def test_paired_ratio_sees_through_noise_that_slows_both_calls_of_a_round():
     spell = random.Random(0)
     theirs = [0.01 * spell.uniform(1.0, 3.0) for _ in range(40)]
     ours = [t * 1.05 for t in theirs]
-    a, b = _stats(ours), _stats(theirs)
+    a, b = _cpu_stats(ours), _cpu_stats(theirs)
     assert a.p50_lo_ms <= b.p50_hi_ms  # the two medians' intervals overlap: they cannot tell
     paired = paired_ratio(a, b)
     assert [paired[k] for k in ("paired_lo", "paired_ratio", "paired_hi")] == pytest.approx([1.05] * 3, rel=1e-12)
@@ -97,16 +86,16 @@ def test_paired_ratio_sees_through_noise_that_slows_both_calls_of_a_round():
     # Without the paired interval (a run saved before it existed) the overlap rule stays: not beyond noise.
     assert not report._clearly_slower(_row(a), _row(b))
     # The same spells with ours 5% faster.
-    quicker = _stats([t * 0.95 for t in theirs])
+    quicker = _cpu_stats([t * 0.95 for t in theirs])
     paired = paired_ratio(quicker, b)
     assert report._clearly_faster(_row(quicker, **paired), _row(b))
     assert not report._clearly_slower(_row(quicker, **paired), _row(b))
 
 
 def test_paired_ratio_needs_rounds_that_pair_up():
-    rounds = _stats([0.01 * (1 + i % 3) for i in range(10)])
+    rounds = _cpu_stats([0.01 * (1 + i % 3) for i in range(10)])
     assert paired_ratio(rounds, Stats(1.0, 1.0, 1.0, samples=0, timer="do_bench")) == {}
-    assert paired_ratio(rounds, _stats([0.01] * 12)) == {}  # 10 rounds against 12: not one run
-    assert paired_ratio(_stats([0.01] * 4), _stats([0.02] * 4)) == {}  # too few rounds for an interval
-    noisy = paired_ratio(rounds, _stats([0.01 * (1 + i % 2) for i in range(10)]))
+    assert paired_ratio(rounds, _cpu_stats([0.01] * 12)) == {}  # 10 rounds against 12: not one run
+    assert paired_ratio(_cpu_stats([0.01] * 4), _cpu_stats([0.02] * 4)) == {}  # too few rounds for an interval
+    noisy = paired_ratio(rounds, _cpu_stats([0.01 * (1 + i % 2) for i in range(10)]))
     assert noisy["paired_lo"] < 1.0 < noisy["paired_hi"]  # ratios from 0.5 to 3: no verdict
